@@ -1,0 +1,9 @@
+"""Shared test setup: offline Hugging Face, quiet tokenizers, deterministic torch threads."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
