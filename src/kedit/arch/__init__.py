@@ -196,7 +196,7 @@ def _builtin() -> dict[str, ArchAdapter]:
             embed="gpt_neox.embed_in",
             layers="gpt_neox.layers",
             final_norm="gpt_neox.final_layer_norm",
-            unembed="embed_out",
+            unembed="lm_head",  # transformers >= 5 (was `embed_out` in 4.x)
             attn="attention",
             attn_out="attention.dense",
             mlp="mlp",

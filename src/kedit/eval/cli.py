@@ -1,0 +1,158 @@
+"""``kedit eval`` and ``kedit report`` (registered on the main Typer app by :func:`register`)."""
+
+# ruff: noqa: B008  (typer.Option/Argument defaults are Typer's idiom)
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+__all__ = ["register"]
+
+_ASPECTS = ("reliability", "generalization", "locality", "portability", "fluency")
+
+
+def _ppl_texts(model: str, path: Path | None, n: int) -> list[str] | None:
+    if n <= 0:
+        return None
+    if path is not None:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return lines[:n]
+    from kedit.api import TESTBED_MODELS
+
+    if model in TESTBED_MODELS:
+        from kedit.testbed import load_world
+
+        return list(load_world().filler[:n])
+    return None
+
+
+def _summary_json(summary: dict[str, Any]) -> dict[str, Any]:
+    metrics = summary["metrics"]
+    return {
+        "protocol": summary["protocol"],
+        "method": summary["method"],
+        "model": summary["model"],
+        "n": summary["n_evaluated"],
+        "n_errors": summary["n_errors"],
+        "metrics": {k: metrics[k] for k in (*_ASPECTS, *[m for m in metrics if m not in _ASPECTS])},
+        "seconds": summary["seconds"],
+    }
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``eval`` and ``report`` commands to ``app``."""
+    from kedit.cli import _fail, _load, _method_name, _parse_sets, err, out, progress_bars, resolve_requests
+
+    @app.command("eval")
+    def eval_cmd(
+        model: str = typer.Option(..., "--model", "-m", help="testbed-gpt2, testbed-llama, or an HF name/path."),
+        method: str = typer.Option(..., "--method", help="Editing method (see `kedit methods`)."),
+        data: str = typer.Option(..., "--data", "-d", help="FILE (any supported format) or testbed[:N]."),
+        protocol: str = typer.Option("single/v1", "--protocol", "-p",
+                                     help="single/v1 | batch/v1 | sequential-final/v1 | sequential-immediate/v1."),
+        batch_size: int = typer.Option(1, "--batch-size", "-k", help="Edits per compute call (batch/sequential)."),
+        limit: int | None = typer.Option(None, "--limit", help="Evaluate at most N records."),
+        out_dir: Path = typer.Option(..., "--out", "-o", help="Result directory (a rerun resumes it)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
+        fmt: str | None = typer.Option(None, "--format", help="Force the dataset format of FILE."),
+        strategy: str | None = typer.Option(None, "--strategy", help="e.g. 'blue' for MEMIT/PMET/AlphaEdit."),
+        sets: list[str] = typer.Option([], "--set", help="Method config override key=value (JSON), repeatable."),
+        eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="Prompts per forward pass."),
+        headline: str = typer.Option("exact_match", "--headline",
+                                     help="Summary definitions: exact_match | token_acc | counterfact."),
+        max_new_tokens: int = typer.Option(8, "--max-new-tokens"),
+        fluency_tokens: int = typer.Option(32, "--fluency-tokens", help="0 disables fluency."),
+        ppl_file: Path | None = typer.Option(None, "--ppl-texts",
+                                                help="Text file (one text per line) for perplexity; default: the "
+                                                     "testbed filler for testbed models."),
+        ppl_n: int = typer.Option(64, "--ppl-n", help="Texts used for perplexity (0 disables)."),
+        pre_cache: Path | None = typer.Option(None, "--pre-cache",
+                                                 help="Share cached pre-edit measurements across runs."),
+        stats_dir: Path | None = typer.Option(None, "--stats-dir", help="Persist covariance statistics here."),
+        on_error: str = typer.Option("raise", "--on-error", help="raise | record (failed edits become records)."),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Evaluate METHOD on MODEL over DATA under PROTOCOL; results go to OUT (resumable)."""
+        from kedit.core.context import EditContext
+        from kedit.eval.runner import EvalConfig, RunMismatchError, run_eval
+        from kedit.methods.registry import ConfigError, UnknownMethodError
+        from kedit.requests import RequestError
+
+        name = _method_name(method, strategy)
+        try:
+            cfg = EvalConfig(protocol=protocol, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                             max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens, headline=headline,
+                             seed=seed, on_error=on_error)
+        except ValueError as e:
+            _fail(str(e))
+            return
+        try:
+            reqs = resolve_requests(data, limit, fmt)
+            if limit is not None:
+                reqs = reqs[:limit]
+            texts = _ppl_texts(model, ppl_file, ppl_n)
+            m, tok = _load(model)
+            with progress_bars() as bar:
+                ctx = (EditContext.with_cache_dir(stats_dir, seed=seed, progress=bar) if stats_dir
+                       else EditContext(seed=seed, progress=bar))
+                run = run_eval(m, tok, reqs, name, method_config=_parse_sets(sets) or None, config=cfg,
+                               out_dir=out_dir, ctx=ctx, ppl_texts=texts, model_name=model,
+                               pre_cache_dir=pre_cache, progress=bar)
+        except (UnknownMethodError, ConfigError, RequestError, RunMismatchError, ValueError) as e:
+            _fail(str(e))
+            return
+        summary = _summary_json(run.summary)
+        if json_out:
+            sys.stdout.write(json.dumps(summary) + "\n")
+            return
+        table = Table(title=f"{name} on {model} · {run.summary['protocol']} · n={summary['n']}")
+        for col in ("aspect", "metric", "mean [95% CI]", "pre-edit", "n"):
+            table.add_column(col)
+        from kedit.eval.report import format_cell
+
+        for aspect in _ASPECTS:
+            e = run.summary["metrics"][aspect]
+            pre = e.get("pre_mean")
+            table.add_row(aspect, e["metric"], format_cell(e), "–" if pre is None else f"{pre:.3f}", str(e["n"]))
+        ppl = run.summary["metrics"]["capability/perplexity"]
+        table.add_row("capability", "capability/perplexity", format_cell(ppl, 2),
+                      "–" if ppl.get("pre_mean") is None else f"{ppl['pre_mean']:.2f}", str(ppl["n"]))
+        out.print(table)
+        out.print(f"{summary['n']} records in {summary['seconds']}s; results in {out_dir}")
+
+    @app.command("report")
+    def report_cmd(
+        dirs: list[Path] = typer.Argument(..., help="Result directories written by `kedit eval`."),
+        report_dir: Path = typer.Option(Path("kedit-report"), "--out", "-o", help="Where report.md and PNGs go."),
+        metrics: list[str] = typer.Option([], "--metric", help="Metric columns (default: the headline ones)."),
+        plots: bool = typer.Option(True, "--plots/--no-plots", help="Render PNG plots (needs matplotlib)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the table as JSON on stdout."),
+    ) -> None:
+        """Compare result directories: a methods × metrics table (terminal + Markdown) and PNG plots."""
+        from kedit.eval.report import PlotsUnavailableError, format_cell, write_report
+
+        try:
+            rep = write_report(dirs, report_dir, columns=metrics or None, plots=plots)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            _fail(str(e))
+            return
+        except PlotsUnavailableError as e:
+            _fail(str(e))
+            return
+        if json_out:
+            sys.stdout.write(json.dumps(rep) + "\n")
+            return
+        table = Table(title="kedit report (mean [95% CI])")
+        table.add_column("run", overflow="fold")
+        for c in rep["columns"]:
+            table.add_column(c, overflow="fold")
+        for row in rep["rows"]:
+            table.add_row(row["label"], *[format_cell(row["metrics"][c]) for c in rep["columns"]])
+        out.print(table)
+        err.print(f"wrote {rep['markdown']}" + (f" and {', '.join(rep['plots'])}" if rep["plots"] else ""))

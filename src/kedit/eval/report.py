@@ -1,0 +1,198 @@
+"""Comparison reports from result directories: a methods × metrics table (terminal + Markdown, means with 95 %
+CIs) and PNG plots (metric bars per run; metric vs number of sequential edits).
+
+Plots read result files only, they never recompute. matplotlib is an optional dependency (``kedit[plots]``),
+imported lazily; figures are drawn on ``matplotlib.figure.Figure`` objects (no pyplot, no global backend state).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kedit.eval.metrics import HEADLINES
+from kedit.eval.runner import EvalRun, load_run
+
+__all__ = [
+    "PlotsUnavailableError",
+    "default_columns",
+    "format_cell",
+    "load_runs",
+    "plot_metric_bars",
+    "plot_sequential",
+    "render_markdown",
+    "run_label",
+    "table_rows",
+    "write_report",
+]
+
+
+class PlotsUnavailableError(ImportError):
+    """matplotlib is not installed."""
+
+
+def load_runs(dirs: Sequence[str | os.PathLike[str]]) -> list[EvalRun]:
+    if not dirs:
+        raise ValueError("no result directories given")
+    return [load_run(d) for d in dirs]
+
+
+def default_columns(runs: Sequence[EvalRun]) -> list[str]:
+    """The metric names shown: the first run's headline definitions, plus perplexity. Every column is ONE
+    definition for every run (runs with another headline style are shown under the same definitions)."""
+    style = runs[0].summary.get("headline", "exact_match") if runs else "exact_match"
+    return [*HEADLINES[style].values(), "capability/perplexity"]
+
+
+def run_label(run: EvalRun) -> str:
+    s = run.summary
+    k = s.get("batch_size")
+    proto = s["protocol"] + (f" k={k}" if k and not s["protocol"].startswith("single") else "")
+    return f"{s['method']} · {proto} · {s['model']} · n={s['n_evaluated']}" + ("" if s.get("complete", True)
+                                                                                   else " (incomplete)")
+
+
+def format_cell(entry: dict[str, Any] | None, digits: int = 3) -> str:
+    if not entry or entry.get("mean") is None:
+        return "–"
+    m = entry["mean"]
+    ci = entry.get("ci95")
+    txt = f"{m:.{digits}f}"
+    if ci:
+        txt += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return txt
+
+
+def table_rows(runs: Sequence[EvalRun], columns: Sequence[str]) -> list[list[str]]:
+    return [[run_label(r)] + [format_cell(r.summary["metrics"].get(c)) for c in columns] for r in runs]
+
+
+def render_markdown(runs: Sequence[EvalRun], columns: Sequence[str] | None = None, *, plots: Sequence[str] = ()) -> str:
+    cols = list(columns or default_columns(runs))
+    lines = ["# kedit evaluation report", ""]
+    lines.append("| run | " + " | ".join(cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    for row in table_rows(runs, cols):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    lines += ["", "Cells: mean over records [95 % percentile-bootstrap CI over records].", ""]
+    lines.append("## Definitions")
+    lines.append("")
+    defs = runs[0].manifest.get("metric_definitions", {}) if runs else {}
+    for c in cols:
+        d = defs.get(c, {})
+        pc = " **Partial credit.**" if d.get("partial_credit") else ""
+        lines.append(f"- `{c}` ({d.get('id', '?')}): {d.get('definition', 'unknown')}{pc}")
+    lines += ["", "## Runs", ""]
+    for r in runs:
+        s = r.summary
+        lines.append(f"- `{r.out_dir}`: {run_label(r)}; protocol {s['protocol']} ({s['protocol_info']['description']});"
+                     f" {s.get('n_errors', 0)} errors; {s.get('seconds')} s")
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(ncols: int, nrows: int = 1, width: float = 3.6, height: float = 3.2) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise PlotsUnavailableError("plots need matplotlib: pip install 'kedit[plots]'") from e
+    return Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+
+
+def plot_metric_bars(runs: Sequence[EvalRun], columns: Sequence[str], path: str | os.PathLike[str]) -> Path:
+    """One panel per metric, one bar per run, 95 % CI as error bars."""
+    fig = _figure(len(columns))
+    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    labels = [f"{r.summary['method']}\n{r.summary['protocol']}" for r in runs]
+    for ax, col in zip(axes, columns):
+        means, lo, hi = [], [], []
+        for r in runs:
+            e = r.summary["metrics"].get(col) or {}
+            m = e.get("mean")
+            ci = e.get("ci95") or [m, m]
+            means.append(m if m is not None else 0.0)
+            lo.append(0.0 if m is None else max(m - ci[0], 0.0))
+            hi.append(0.0 if m is None else max(ci[1] - m, 0.0))
+        ax.bar(range(len(runs)), means, yerr=[lo, hi], capsize=3, color=[f"C{i}" for i in range(len(runs))])
+        ax.set_xticks(range(len(runs)), labels, fontsize=7, rotation=30, ha="right")
+        ax.set_title(col, fontsize=9)
+    p = Path(path)
+    fig.savefig(p, dpi=110)
+    return p
+
+
+def _sequential_points(run: EvalRun, metric: str) -> list[tuple[float, float]]:
+    """(number of edits applied, metric) points: per step for sequential-immediate (running mean over the records
+    evaluated so far), one point for sequential-final."""
+    s = run.summary
+    if s["protocol"].startswith("sequential-final"):
+        m = (s["metrics"].get(metric) or {}).get("mean")
+        return [] if m is None else [(float(s["n_evaluated"]), float(m))]
+    by_n: dict[int, list[float]] = {}
+    for rec in run.records:
+        v = (rec.get("metrics") or {}).get(metric)
+        if v is not None:
+            by_n.setdefault(int(rec["n_edits"]), []).append(float(v))
+    pts, acc = [], []
+    for n in sorted(by_n):
+        acc += by_n[n]
+        pts.append((float(n), sum(acc) / len(acc)))
+    return pts
+
+
+def plot_sequential(runs: Sequence[EvalRun], columns: Sequence[str], path: str | os.PathLike[str]) -> Path | None:
+    """Metric vs number of sequential edits, one line per (method, protocol); ``None`` if no sequential run."""
+    seq = [r for r in runs if r.summary["protocol"].startswith("sequential")]
+    if not seq:
+        return None
+    cols = [c for c in columns if c != "capability/perplexity"] or list(columns)
+    fig = _figure(len(cols))
+    axes = fig.subplots(1, len(cols), squeeze=False)[0]
+    groups: dict[str, list[EvalRun]] = {}
+    for r in seq:
+        groups.setdefault(f"{r.summary['method']} · {r.summary['protocol']}", []).append(r)
+    for ax, col in zip(axes, cols):
+        for i, (label, rs) in enumerate(sorted(groups.items())):
+            pts = sorted(p for r in rs for p in _sequential_points(r, col))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{i}", label=label)
+        ax.set_xlabel("number of sequential edits")
+        ax.set_title(col, fontsize=9)
+    axes[0].legend(fontsize=7)
+    p = Path(path)
+    fig.savefig(p, dpi=110)
+    return p
+
+
+def write_report(
+    dirs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    columns: Sequence[str] | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Write ``report.md`` (+ ``metrics.png``, ``sequential.png`` when there are sequential runs) to ``out_dir``;
+    returns the paths and the table."""
+    runs = load_runs(dirs)
+    cols = list(columns or default_columns(runs))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs: list[str] = []
+    if plots:
+        pngs.append(str(plot_metric_bars(runs, cols, out / "metrics.png")))
+        seq = plot_sequential(runs, cols, out / "sequential.png")
+        if seq is not None:
+            pngs.append(str(seq))
+    md = out / "report.md"
+    md.write_text(render_markdown(runs, cols, plots=pngs), encoding="utf-8")
+    return {
+        "markdown": str(md),
+        "plots": pngs,
+        "columns": cols,
+        "rows": [{"run": str(r.out_dir), "label": run_label(r),
+                  "metrics": {c: r.summary["metrics"].get(c) for c in cols}} for r in runs],
+    }

@@ -1,0 +1,527 @@
+"""The evaluation runner: protocol × metrics over a list of requests, batched, cached, resumable.
+
+    from kedit.eval import EvalConfig, run_eval
+    run = run_eval(model, tok, requests, "rome", config=EvalConfig(protocol="batch/v1", batch_size=10),
+                   out_dir="runs/rome-batch")
+    run.summary["metrics"]["reliability"]      # {"mean": ..., "ci95": [lo, hi], "definition": ..., ...}
+
+Files in ``out_dir``:
+
+* ``manifest.json`` -- what this run is: protocol id and description, method and its full config, model name and
+  fingerprint, a hash of the records, the evaluation config, every metric definition, kedit version. A rerun with
+  the same identity **resumes**; a different identity in the same directory is refused.
+* ``records.jsonl`` -- one line per evaluated record, appended (and flushed) as soon as its step is evaluated:
+  index, case_id, step, n_edits (edits applied when it was evaluated), every metric after and before the edit,
+  and (``keep_observations``) the raw measurements.
+* ``summary.json`` -- the aggregate (means with bootstrap CIs, definitions, timing) once the run is complete.
+
+Pre-edit measurements depend only on (model, records, measurement config): they are computed once, in batches,
+and cached in ``pre_cache_dir`` (default ``out_dir``) under a content key, so runs of several methods on the same
+model and data can share them.
+
+Resuming: records already in ``records.jsonl`` are not evaluated again. For ``single``/``batch`` the steps whose
+records are all done are skipped outright; for the sequential protocols the earlier edits are *replayed* (recomputed
+with the same seed, which is deterministic) up to the last step with records still to evaluate -- replaying rather
+than loading saved deltas also restores any cross-call method state kept in ``EditContext.state``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kedit.core.context import EditContext
+from kedit.eval.metrics import HEADLINES, Observation, metric_definitions, perplexity, record_metrics
+from kedit.eval.protocols import Protocol, Step, get_protocol
+from kedit.eval.scoring import ScoringConfig, observe, text_nll
+from kedit.fingerprint import model_fingerprint
+from kedit.requests import EditRequest, as_requests
+
+__all__ = [
+    "EVAL_FORMAT_VERSION",
+    "EvalConfig",
+    "EvalRun",
+    "RunMismatchError",
+    "bootstrap_ci",
+    "load_run",
+    "run_eval",
+    "summarize",
+]
+
+log = logging.getLogger(__name__)
+
+#: version of the on-disk result format (manifest/records/summary)
+EVAL_FORMAT_VERSION = 1
+
+Progress = Callable[[str, int, int], None]
+
+
+class RunMismatchError(ValueError):
+    """``out_dir`` holds results of a different run (other protocol, method, config, model or records)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a run evaluates (numbers and flags only).
+
+    Attributes:
+        protocol: ``single/v1``, ``batch/v1``, ``sequential-final/v1`` or ``sequential-immediate/v1``.
+        batch_size: k, the number of requests per edit (one ``compute`` call); ignored by ``single``.
+        eval_batch_size: prompts per forward pass when measuring (1 = one prompt at a time).
+        max_new_tokens: greedy continuation length for exact match and generation locality.
+        fluency_tokens: generation length for n-gram entropy (0 disables fluency).
+        fluency_prompts: generation prompts per record for fluency.
+        headline: which definition each summary aspect shows: ``exact_match`` (strict, default), ``token_acc``
+            (EasyEdit-compatible teacher-forced partial credit) or ``counterfact`` (ES/PS/NS).
+        seed: seed of the editing context (sampled templates) and of the bootstrap.
+        bootstrap: bootstrap resamples for the 95 % confidence intervals.
+        eval_chunk: records evaluated (and written) together when a step evaluates many (sequential-final).
+        keep_observations: store the raw measurements (generations, token scores) in ``records.jsonl``.
+        on_error: ``raise`` (default) or ``record``: an edit that fails is written as an error record (its
+            metrics are missing and the summary counts it in ``n_errors``) and the run goes on.
+    """
+
+    protocol: str = "single/v1"
+    batch_size: int = 1
+    eval_batch_size: int = 64
+    max_new_tokens: int = 8
+    fluency_tokens: int = 32
+    fluency_prompts: int = 1
+    headline: str = "exact_match"
+    seed: int = 0
+    bootstrap: int = 2000
+    eval_chunk: int = 64
+    keep_observations: bool = True
+    on_error: str = "raise"
+
+    def __post_init__(self) -> None:
+        get_protocol(self.protocol)
+        if self.headline not in HEADLINES:
+            raise ValueError(f"unknown headline {self.headline!r}; known: {sorted(HEADLINES)}")
+        if self.on_error not in ("raise", "record"):
+            raise ValueError("on_error must be 'raise' or 'record'")
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.eval_chunk < 1:
+            raise ValueError("batch sizes must be ≥ 1")
+
+    def scoring(self) -> ScoringConfig:
+        return ScoringConfig(self.eval_batch_size, self.max_new_tokens, self.fluency_tokens, self.fluency_prompts)
+
+
+@dataclass
+class EvalRun:
+    """The outcome of :func:`run_eval` (also rebuilt from a directory by :func:`load_run`)."""
+
+    manifest: dict[str, Any]
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out_dir: Path | None = None
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Lines of a JSONL file; a truncated last line (a run killed while writing) is ignored."""
+    if not path.is_file():
+        return []
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("ignoring a truncated line in %s", path)
+    return out
+
+
+def _append_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    if not rows:
+        return
+    data = "".join(json.dumps(_jsonable(r)) + "\n" for r in rows)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def bootstrap_ci(values: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95 % percentile-bootstrap interval of the mean (resampling records with replacement; seeded)."""
+    import numpy as np
+
+    if not values:
+        return None
+    arr = np.asarray(values, dtype=np.float64)
+    if len(arr) == 1 or resamples < 1:
+        return float(arr.mean()), float(arr.mean())
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 4_000_000 // len(arr))
+    for b in range(0, resamples, chunk):
+        m = min(chunk, resamples - b)
+        means[b : b + m] = arr[rng.integers(0, len(arr), size=(m, len(arr)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _stat(values: list[float], seed: int, resamples: int) -> dict[str, Any]:
+    mean = sum(values) / len(values) if values else None
+    ci = bootstrap_ci(values, resamples=resamples, seed=seed)
+    return {"mean": mean, "ci95": list(ci) if ci else None, "n": len(values)}
+
+
+def summarize(
+    records: Sequence[Mapping[str, Any]], manifest: Mapping[str, Any], *, seconds: float | None = None
+) -> dict[str, Any]:
+    """The summary object of a run: headline aspects and every registered metric, each with mean, 95 % CI, n,
+    its definition and its pre-edit mean (where meaningful)."""
+    cfg = manifest["eval_config"]
+    seed, resamples = int(cfg.get("seed", 0)), int(cfg.get("bootstrap", 2000))
+    defs = manifest["metric_definitions"]
+    ok = [r for r in records if not r.get("error")]
+    detailed: dict[str, Any] = {}
+    for name, d in defs.items():
+        post = [r["metrics"][name] for r in ok if r["metrics"].get(name) is not None]
+        entry = {**_stat(post, seed, resamples), "metric": name, "definition": d["definition"],
+                 "partial_credit": d["partial_credit"]}
+        if not d["needs_pre"]:
+            pre = [r["pre_metrics"][name] for r in ok if r.get("pre_metrics", {}).get(name) is not None]
+            entry["pre_mean"] = sum(pre) / len(pre) if pre else None
+        detailed[name] = entry
+    metrics: dict[str, Any] = {aspect: dict(detailed[name]) for aspect, name in HEADLINES[cfg["headline"]].items()}
+    metrics.update(detailed)
+    return {
+        "format_version": EVAL_FORMAT_VERSION,
+        "protocol": manifest["protocol"]["id"],
+        "protocol_info": manifest["protocol"],
+        "method": manifest["method"],
+        "model": manifest["model"],
+        "n": manifest["n"],
+        "n_evaluated": len(records),
+        "n_errors": len(records) - len(ok),
+        "errors": [{"index": r["index"], "error": r["error"]} for r in records if r.get("error")][:50],
+        "batch_size": cfg.get("batch_size"),
+        "headline": cfg["headline"],
+        "metrics": metrics,
+        "seconds": None if seconds is None else round(seconds, 3),
+        "kedit_version": manifest.get("kedit_version"),
+    }
+
+
+def _method_config(model: nn.Module, method: str, config: Any) -> tuple[Any, Any]:
+    from kedit.methods.registry import get_method
+
+    spec = get_method(method)
+    if config is None or isinstance(config, Mapping):
+        cfg = spec.make_config(config, base=spec.default_config(model))
+    elif isinstance(config, spec.config):
+        cfg = config
+    else:
+        raise TypeError(f"config for {spec.name} must be a {spec.config.__name__} or a dict")
+    return spec, cfg
+
+
+# -- the runner --------------------------------------------------------------------------------------------------
+def run_eval(
+    model: nn.Module,
+    tok,
+    requests: Sequence[EditRequest | Mapping[str, Any]],
+    method: str,
+    *,
+    method_config: Any = None,
+    config: EvalConfig = EvalConfig(),
+    out_dir: str | os.PathLike[str] | None = None,
+    ctx: EditContext | None = None,
+    ppl_texts: Sequence[str] | None = None,
+    model_name: str | None = None,
+    pre_cache_dir: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+) -> EvalRun:
+    """Evaluate ``method`` on ``requests`` under ``config.protocol`` and return the run (also written to
+    ``out_dir`` if given, resuming whatever is already there).
+
+    Args:
+        method_config: the method's config dataclass or a dict of overrides on its architecture preset.
+        ctx: editing context (statistics cache, corpus, injected templates); its ``seed`` is replaced by
+            ``config.seed``. Non-cumulative protocols give every step a fresh ``state``.
+        ppl_texts: general texts for the capability/perplexity metric (``None``: the metric is not measured and
+            the summary says so).
+        model_name: how the model is named in results (default: its ``config._name_or_path``).
+        pre_cache_dir: where pre-edit measurements are cached (default ``out_dir``; none without either).
+        progress: ``fn(stage, done, total)``.
+    """
+    from kedit import api
+    from kedit.deltas import kedit_version
+
+    reqs = as_requests(list(requests))
+    if not reqs:
+        raise ValueError("no records to evaluate")
+    protocol: Protocol = get_protocol(config.protocol)
+    spec, mcfg = _method_config(model, method, method_config)
+    scoring = config.scoring()
+    name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "model")
+    t_start = time.perf_counter()
+    fingerprint = model_fingerprint(model)
+    records_hash = _sha([r.to_dict() for r in reqs])
+    ppl_hash = _sha(list(ppl_texts)) if ppl_texts else None
+    eval_cfg = _jsonable(config)
+    identity = {
+        "format_version": EVAL_FORMAT_VERSION,
+        "protocol": protocol.describe(),
+        "method": spec.name,
+        "method_config": _jsonable(mcfg),
+        "model": name,
+        "model_fingerprint": fingerprint,
+        "records_hash": records_hash,
+        "n": len(reqs),
+        "eval_config": {k: v for k, v in eval_cfg.items() if k not in ("eval_batch_size", "eval_chunk")},
+        "ppl_texts_hash": ppl_hash,
+    }
+    manifest = {
+        **identity,
+        "eval_config": eval_cfg,
+        "metric_definitions": metric_definitions(),
+        "kedit_version": kedit_version(),
+        "perplexity": "measured" if ppl_texts else "not measured: no general texts given (ppl_texts)",
+    }
+    out = Path(out_dir) if out_dir is not None else None
+    done: dict[int, dict[str, Any]] = {}
+    prior_seconds = 0.0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        mpath = out / "manifest.json"
+        if mpath.is_file():
+            old = json.loads(mpath.read_text(encoding="utf-8"))
+            old_id = {k: old.get(k) for k in identity}
+            old_id["eval_config"] = {k: v for k, v in (old.get("eval_config") or {}).items()
+                                     if k not in ("eval_batch_size", "eval_chunk")}
+            if old_id != identity:
+                diff = sorted(k for k in identity if old_id.get(k) != identity[k])
+                raise RunMismatchError(
+                    f"{out} holds results of a different run (differs in: {', '.join(diff)}); "
+                    "use another output directory or delete it"
+                )
+            prior_seconds = float((old.get("state") or {}).get("seconds", 0.0))
+            for row in _read_jsonl(out / "records.jsonl"):
+                done[int(row["index"])] = row
+            if done:
+                log.info("resuming %s: %d of %d records already evaluated", out, len(done), len(reqs))
+        manifest["state"] = {"seconds": prior_seconds, "complete": False}
+        _write_json(mpath, manifest)
+
+    def report(stage: str, d: int, t: int) -> None:
+        if progress is not None:
+            progress(stage, d, t)
+
+    # -- pre-edit measurements: once, batched, cached --------------------------------------------------------------
+    pre_obs, pre_ppl = _pre_edit(model, tok, reqs, scoring, ppl_texts, fingerprint, records_hash, ppl_hash,
+                                 Path(pre_cache_dir) if pre_cache_dir is not None else out, report)
+    pre_metrics = [record_metrics(o, None) for o in pre_obs]
+
+    # -- the protocol ------------------------------------------------------------------------------------------
+    steps = protocol.plan(len(reqs), config.batch_size)
+    pending = [s for s in steps if any(i not in done for i in s.evaluate)]
+    last_needed = max((s.index for s in pending), default=-1)
+    base_ctx = ctx or EditContext()
+    base_ctx = dataclasses.replace(base_ctx, seed=config.seed, state={})
+    applied: list[Any] = []  # EditResult stack
+    failed: dict[int, str] = {}  # record index -> why its edit failed (on_error="record")
+    n_applied = 0
+    n_done = len(done)
+    report("evaluate", n_done, len(reqs))
+    t_session = time.perf_counter()
+
+    def restore() -> None:
+        nonlocal n_applied
+        while applied:
+            applied.pop().revert(model)
+        n_applied = 0
+
+    try:
+        for step in steps:
+            if step.index > last_needed:
+                break
+            todo = [i for i in step.evaluate if i not in done]
+            if not protocol.cumulative and not todo:
+                continue
+            step_ctx = base_ctx if protocol.cumulative else dataclasses.replace(base_ctx, state={})
+            try:
+                res = api.edit(model, tok, [reqs[i] for i in step.edit], method=spec.name, config=mcfg,
+                               ctx=step_ctx, apply=True, evaluate=False)
+                applied.append(res)
+                n_applied += len(step.edit)
+            except Exception as e:
+                if config.on_error == "raise":
+                    raise
+                error = f"{type(e).__name__}: {e}"
+                log.warning("step %d (records %s) failed: %s", step.index, list(step.edit), error)
+                failed.update({i: error for i in step.edit})
+            if todo:
+                ppl = _ppl(model, tok, ppl_texts, scoring.batch_size)
+                chunk = min(len(todo), config.eval_chunk)
+                for b in range(0, len(todo), chunk):
+                    idx = todo[b : b + chunk]
+                    rows = _evaluate(model, tok, reqs, idx, step, n_applied, scoring, pre_obs, pre_metrics, ppl,
+                                     config, failed)
+                    if out is not None:
+                        _append_jsonl(out / "records.jsonl", rows)
+                    for row in rows:
+                        done[row["index"]] = row
+                    n_done += len(rows)
+                    report("evaluate", n_done, len(reqs))
+                    if out is not None:
+                        manifest["state"] = {"seconds": prior_seconds + time.perf_counter() - t_session,
+                                             "complete": False}
+                        _write_json(out / "manifest.json", manifest)
+            if step.restore:
+                restore()
+    finally:
+        restore()
+    if model_fingerprint(model) != fingerprint:
+        raise RuntimeError("the model was not restored to its pre-run weights; results are not trustworthy")
+
+    seconds = prior_seconds + time.perf_counter() - t_session
+    records = [done[i] for i in sorted(done)]
+    summary = summarize(records, manifest, seconds=seconds)
+    summary["pre_perplexity"] = pre_ppl
+    summary["setup_seconds"] = round(t_session - t_start, 3)
+    if out is not None:
+        manifest["state"] = {"seconds": seconds, "complete": True}
+        _write_json(out / "manifest.json", manifest)
+        _write_json(out / "summary.json", summary)
+    return EvalRun(manifest, records, summary, out)
+
+
+def _ppl(model: nn.Module, tok, texts: Sequence[str] | None, batch_size: int) -> float | None:
+    if not texts:
+        return None
+    total, count = text_nll(model, tok, texts, batch_size=batch_size)
+    return perplexity(total, count) if count else None
+
+
+def _evaluate(
+    model: nn.Module,
+    tok,
+    reqs: Sequence[EditRequest],
+    idx: Sequence[int],
+    step: Step,
+    n_applied: int,
+    scoring: ScoringConfig,
+    pre_obs: Sequence[Observation],
+    pre_metrics: Sequence[dict[str, float | None]],
+    ppl: float | None,
+    config: EvalConfig,
+    failed: Mapping[int, str],
+) -> list[dict[str, Any]]:
+    rows = [{"index": i, "case_id": reqs[i].case_id, "step": step.index, "n_edits": n_applied, "error": failed[i],
+             "metrics": {}, "pre_metrics": pre_metrics[i]} for i in idx if i in failed]
+    idx = [i for i in idx if i not in failed]
+    base = [{"index": i, "case_id": reqs[i].case_id, "step": step.index, "n_edits": n_applied} for i in idx]
+    obs = observe(model, tok, [reqs[i] for i in idx], scoring, pre=[pre_obs[i] for i in idx],
+                  perplexity=ppl) if idx else []
+    for b, i, o in zip(base, idx, obs):
+        row = {**b, "error": None, "metrics": record_metrics(o, pre_obs[i]), "pre_metrics": pre_metrics[i]}
+        if config.keep_observations:
+            row["observation"] = o.to_dict()
+        rows.append(row)
+    return rows
+
+
+def _pre_edit(
+    model: nn.Module,
+    tok,
+    reqs: Sequence[EditRequest],
+    scoring: ScoringConfig,
+    ppl_texts: Sequence[str] | None,
+    fingerprint: str,
+    records_hash: str,
+    ppl_hash: str | None,
+    cache_dir: Path | None,
+    report: Progress,
+) -> tuple[list[Observation], float | None]:
+    """Pre-edit observations of every record (and the pre-edit perplexity), from the cache where present."""
+    key = _sha({"model": fingerprint, "records": records_hash, "ppl": ppl_hash,
+                "scoring": {k: v for k, v in dataclasses.asdict(scoring).items() if k != "batch_size"}})[:20]
+    cached: dict[int, Observation] = {}
+    meta_path = obs_path = None
+    pre_ppl: float | None = None
+    have_ppl = False
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        obs_path = cache_dir / f"pre-{key}.jsonl"
+        meta_path = cache_dir / f"pre-{key}.json"
+        for row in _read_jsonl(obs_path):
+            cached[int(row["index"])] = Observation.from_dict(row["observation"])
+        if meta_path.is_file():
+            pre_ppl = json.loads(meta_path.read_text(encoding="utf-8")).get("perplexity")
+            have_ppl = True
+    if not have_ppl:
+        pre_ppl = _ppl(model, tok, ppl_texts, scoring.batch_size)
+        if meta_path is not None:
+            _write_json(meta_path, {"perplexity": pre_ppl, "model_fingerprint": fingerprint})
+    todo = [i for i in range(len(reqs)) if i not in cached]
+    report("pre-edit", len(reqs) - len(todo), len(reqs))
+    chunk = 256
+    for b in range(0, len(todo), chunk):
+        idx = todo[b : b + chunk]
+        obs = observe(model, tok, [reqs[i] for i in idx], scoring, perplexity=pre_ppl)
+        for i, o in zip(idx, obs):
+            cached[i] = o
+        if obs_path is not None:
+            _append_jsonl(obs_path, [{"index": i, "observation": o.to_dict()} for i, o in zip(idx, obs)])
+        report("pre-edit", len(reqs) - len(todo) + b + len(idx), len(reqs))
+    return [cached[i] for i in range(len(reqs))], pre_ppl
+
+
+def load_run(directory: str | os.PathLike[str]) -> EvalRun:
+    """Read a result directory (``manifest.json`` + ``records.jsonl`` [+ ``summary.json``]). An incomplete run is
+    summarised from the records present (``summary["complete"]`` is False)."""
+    d = Path(directory)
+    mpath = d / "manifest.json"
+    if not mpath.is_file():
+        raise FileNotFoundError(f"{d} is not a kedit eval result directory (no manifest.json)")
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    records = _read_jsonl(d / "records.jsonl")
+    spath = d / "summary.json"
+    complete = bool((manifest.get("state") or {}).get("complete"))
+    if spath.is_file() and complete:
+        summary = json.loads(spath.read_text(encoding="utf-8"))
+    else:
+        summary = summarize(records, manifest, seconds=(manifest.get("state") or {}).get("seconds"))
+    summary["complete"] = complete
+    return EvalRun(manifest, records, summary, d)
