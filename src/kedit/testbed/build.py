@@ -1,0 +1,251 @@
+"""Build a testbed: world → tokenizer → GPT-2 and Llama models → gates → ``manifest.json``.
+
+Layout of a build directory::
+
+    world.json            the world (stable JSON, see :meth:`World.to_json`)
+    gpt2/ llama/          Hugging Face checkpoints (config, safetensors weights, tokenizer files)
+    manifest.json         generator version, seed, sha256 of every file, gate figures, timings, parameter counts
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from .world import (
+    World,
+    WorldConfig,
+    alias_pairs,
+    generate_world,
+    trained_pairs,
+    training_sentences,
+    two_hop_pairs,
+)
+
+__all__ = [
+    "ARCHS",
+    "DEFAULT_SEED",
+    "GENERATOR_VERSION",
+    "build_micro_testbed",
+    "build_testbed",
+    "file_hashes",
+    "training_facts",
+    "verify_manifest",
+]
+
+logger = logging.getLogger(__name__)
+
+# Bump whenever the world generator, tokenizer, trainer recipe or model shapes change (the committed assets must
+# then be rebuilt: `kedit testbed build`).
+GENERATOR_VERSION = "1.0.0"
+DEFAULT_SEED = 0
+ARCHS = ("gpt2", "llama")
+VOCAB_SIZE = {False: 1024, True: 512}
+
+
+def _train_configs(micro: bool, seed: int) -> dict[str, Any]:
+    from .train import TrainConfig
+
+    if micro:
+        base = TrainConfig(
+            epochs=24, batch_size=32, lr=1e-2, warmup_frac=0.06, filler_per_epoch=30, seed=seed
+        )
+        return {"gpt2": replace(base, epochs=16), "llama": base}
+    base = TrainConfig(epochs=14, batch_size=64, lr=3e-3, filler_per_epoch=600, seed=seed)
+    # Llama (rotary, no learned positions) memorises more slowly early on: give it a few more epochs
+    return {"gpt2": base, "llama": replace(base, epochs=18)}
+
+
+def training_facts(world: World) -> list[tuple[str, str]]:
+    """The ``(prompt, object)`` training pairs: trained (subject, template) pairs, alias sentences, the trained
+    two-hop split and the alias introductions ("X is also known as Dr. Y")."""
+    facts = [(t.format(s), o) for _, s, t, o in trained_pairs(world) + alias_pairs(world)]
+    facts += [(t.format(s), o) for _, s, t, o in two_hop_pairs(world, trained=True)]
+    for person in sorted(world.aliases):
+        for alias in world.aliases[person]:
+            facts.append((f"{person} is also known as", alias))
+    return facts
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(root: str | Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` except ``manifest.json`` (POSIX relative paths, sorted)."""
+    root = Path(root)
+    return {
+        p.relative_to(root).as_posix(): _sha256(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+
+
+def verify_manifest(root: str | Path) -> list[str]:
+    """Problems found comparing ``root/manifest.json`` with the files and the generator version (empty = ok)."""
+    root = Path(root)
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        return [f"no manifest at {mpath}"]
+    manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    problems = []
+    if manifest.get("generator_version") != GENERATOR_VERSION:
+        problems.append(
+            f"generator_version {manifest.get('generator_version')!r} != {GENERATOR_VERSION!r}: rebuild the testbed"
+        )
+    actual = file_hashes(root)
+    for rel, digest in manifest.get("files", {}).items():
+        if rel not in actual:
+            problems.append(f"missing file {rel}")
+        elif actual[rel] != digest:
+            problems.append(f"hash mismatch for {rel}")
+    for rel in actual:
+        if rel not in manifest.get("files", {}):
+            problems.append(f"file not in manifest: {rel}")
+    return problems
+
+
+def build_testbed(
+    out_dir: str | Path,
+    *,
+    micro: bool = False,
+    seed: int = DEFAULT_SEED,
+    progress: Callable[[int, int], None] | None = None,
+    archs: Sequence[str] = ARCHS,
+    epochs: int | None = None,
+    world_config: WorldConfig | None = None,
+) -> dict[str, Any]:
+    """Build the testbed into ``out_dir`` and return its manifest (also written to ``out_dir/manifest.json``).
+
+    ``progress(step, total)`` reports optimiser steps over all models. ``epochs`` overrides the recipe (for
+    quick experiments; the manifest records it). Deterministic on CPU for the same arguments and library versions.
+    """
+    import torch
+    import transformers
+
+    from .gates import GATE_TARGETS, MICRO_GATE_TARGETS, evaluate_gates, weights_digest
+    from .tokenizer import train_tokenizer
+    from .train import DEFAULT_SPECS, MICRO_SPECS, build_model, encode_examples, plan_steps, train_model
+
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    cfg = world_config or (WorldConfig.micro() if micro else WorldConfig())
+    world = generate_world(seed, cfg, generator_version=GENERATOR_VERSION)
+    (out / "world.json").write_text(world.to_json(), encoding="utf-8")
+    timings["world"] = round(time.time() - t_start, 2)
+
+    t0 = time.time()
+    text = training_sentences(world)
+    tokenizer = train_tokenizer(text["facts"] + text["two_hop"] + text["filler"], VOCAB_SIZE[micro])
+    timings["tokenizer"] = round(time.time() - t0, 2)
+
+    train_cfgs = _train_configs(micro, seed)
+    specs = MICRO_SPECS if micro else DEFAULT_SPECS
+    models: dict[str, Any] = {}
+    plans: dict[str, Any] = {}
+    for k, arch in enumerate(archs):
+        if arch not in specs:
+            raise ValueError(f"unknown testbed architecture {arch!r}; expected one of {sorted(specs)}")
+        tcfg = train_cfgs[arch]
+        if epochs is not None:
+            tcfg = replace(tcfg, epochs=epochs)
+        facts_ex, plain_ex = encode_examples(
+            tokenizer, training_facts(world), world.filler, tcfg.prompt_loss_weight
+        )
+        plans[arch] = (tcfg, facts_ex, plain_ex, plan_steps(facts_ex, plain_ex, tcfg))
+    grand_total = sum(p[3] for p in plans.values())
+    done = 0
+    for k, arch in enumerate(archs):
+        t0 = time.time()
+        tcfg, facts_ex, plain_ex, n_steps = plans[arch]
+        model = build_model(
+            specs[arch],
+            len(tokenizer),
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            seed + 1000 * k,
+        )
+
+        def _progress(step: int, total: int, _offset: int = done) -> None:
+            if progress is not None:
+                progress(_offset + step, grand_total)
+
+        log = train_model(model, facts_ex, plain_ex, tcfg, pad_id=tokenizer.pad_token_id, progress=_progress)
+        done += n_steps
+        timings[f"train_{arch}"] = round(time.time() - t0, 2)
+        t0 = time.time()
+        old = torch.get_num_threads()
+        torch.set_num_threads(tcfg.num_threads)
+        try:
+            gates = evaluate_gates(model, tokenizer, world, targets=MICRO_GATE_TARGETS if micro else None)
+        finally:
+            torch.set_num_threads(old)
+        timings[f"gates_{arch}"] = round(time.time() - t0, 2)
+        logger.info("%s gates: %s", arch, gates)
+        mdir = out / arch
+        model.save_pretrained(mdir, safe_serialization=True)
+        tokenizer.save_pretrained(mdir)
+        models[arch] = {
+            "params": int(sum(p.numel() for p in model.parameters())),
+            "spec": asdict(specs[arch]),
+            "train": tcfg.to_dict(),
+            "steps": log["steps"],
+            "final_epoch_loss": round(log["epoch_loss"][-1], 4),
+            "weights_sha256": weights_digest(model),
+            "gates": gates,
+        }
+
+    timings["total"] = round(time.time() - t_start, 2)
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "micro": micro,
+        "world_hash": world.world_hash,
+        "world_stats": {
+            "entities": {k: len(v) for k, v in sorted(world.entities.items())},
+            "facts": sum(len(v) for v in world.facts.values()),
+            "trained_pairs": len(trained_pairs(world)),
+            "vocab_size": len(tokenizer),
+        },
+        "models": models,
+        "gate_targets": MICRO_GATE_TARGETS if micro else GATE_TARGETS,
+        "build_seconds": timings,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "files": file_hashes(out),
+        "passed": all(m["gates"]["passed"] for m in models.values()),
+    }
+    (out / "manifest.json").write_text(
+        json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    logger.info("testbed built in %.1fs at %s (passed=%s)", timings["total"], out, manifest["passed"])
+    return manifest
+
+
+def build_micro_testbed(out_dir: str | Path, *, seed: int = DEFAULT_SEED) -> Path:
+    """Build the micro testbed into ``out_dir`` unless a matching build (same generator version, seed, micro,
+    intact files) is already there; returns ``out_dir``."""
+    out = Path(out_dir)
+    mpath = out / "manifest.json"
+    if mpath.is_file():
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except ValueError:
+            manifest = {}
+        if manifest.get("micro") is True and manifest.get("seed") == seed and not verify_manifest(out):
+            return out
+    build_testbed(out, micro=True, seed=seed)
+    return out

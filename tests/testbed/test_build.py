@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from kedit.testbed import GENERATOR_VERSION, assets_dir, load_testbed_model, load_world
+from kedit.testbed.build import build_micro_testbed, file_hashes, verify_manifest
+from kedit.testbed.gates import MICRO_GATE_TARGETS, greedy_generate, recall, weights_digest
+from kedit.testbed.world import trained_pairs
+
+
+def test_micro_build_passes_gates(micro_testbed):
+    manifest = json.loads((micro_testbed / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["micro"] is True
+    assert manifest["generator_version"] == GENERATOR_VERSION
+    for arch, info in manifest["models"].items():
+        gates = info["gates"]
+        assert gates["recall_trained"] >= MICRO_GATE_TARGETS["recall_trained"], (arch, gates)
+        assert gates["recall_heldout"] >= MICRO_GATE_TARGETS["recall_heldout"], (arch, gates)
+        assert info["spec"]["n_layers"] >= 6
+    assert verify_manifest(micro_testbed) == []
+
+
+def test_micro_build_is_reused(micro_testbed):
+    before = (micro_testbed / "manifest.json").read_bytes()
+    assert build_micro_testbed(micro_testbed) == micro_testbed
+    assert (micro_testbed / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_micro_models_load_and_recall(micro_testbed, arch):
+    model, tok = load_testbed_model(arch, assets_dir=micro_testbed)
+    assert not model.training
+    world = load_world(micro_testbed)
+    pairs = [(t.format(s), o) for _, s, t, o in trained_pairs(world)][:64]
+    score, hits = recall(model, tok, pairs, return_hits=True)
+    assert score >= 0.85
+    # the one-pass arg-max check agrees with step-by-step batched greedy decoding
+    gen = greedy_generate(model, tok, [p for p, _ in pairs], max_new_tokens=8)
+    for (p, o), g, h in zip(pairs, gen, hits):
+        assert g.startswith(f" {o}.") == h, (p, o, g, h)
+
+
+def test_training_is_deterministic():
+    """Two short trainings with the same seed give bit-identical weights on CPU."""
+    from kedit.testbed.build import training_facts
+    from kedit.testbed.tokenizer import train_tokenizer
+    from kedit.testbed.train import MICRO_SPECS, TrainConfig, build_model, encode_examples, train_model
+    from kedit.testbed.world import WorldConfig, generate_world, training_sentences
+
+    w = generate_world(3, WorldConfig.micro())
+    text = training_sentences(w)
+    tok = train_tokenizer(text["facts"] + text["filler"], 400)
+    fe, pe = encode_examples(tok, training_facts(w)[:128], w.filler[:32], 0.25)
+    cfg = TrainConfig(epochs=1, batch_size=32, seed=5)
+    digests = []
+    for arch in ("gpt2", "llama"):
+        for _ in range(2):
+            m = build_model(
+                MICRO_SPECS[arch], len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, 7
+            )
+            train_model(m, fe, pe, cfg, pad_id=tok.pad_token_id)
+            digests.append(weights_digest(m))
+    assert digests[0] == digests[1] and digests[2] == digests[3]
+    assert digests[0] != digests[2]
+
+
+# -- the committed default testbed --------------------------------------------------------------------------------
+def _default_or_skip():
+    root = assets_dir("default")
+    if not (root / "manifest.json").is_file():
+        pytest.skip("no committed default testbed")
+    return root
+
+
+def test_committed_manifest_matches():
+    root = _default_or_skip()
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["generator_version"] == GENERATOR_VERSION
+    assert verify_manifest(root) == []
+    assert set(manifest["files"]) == set(file_hashes(root))
+    assert load_world().world_hash == manifest["world_hash"]
+    size = sum((root / f).stat().st_size for f in manifest["files"])
+    assert size <= 25 * 2**20
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_committed_models_recall(arch):
+    _default_or_skip()
+    model, tok = load_testbed_model(arch)
+    world = load_world()
+    pairs = random.Random(0).sample([(t.format(s), o) for _, s, t, o in trained_pairs(world)], 100)
+    assert recall(model, tok, pairs) >= 0.95
+    n_layers = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
+    assert n_layers >= 6
+
+
+def test_load_with_dtype_and_device(micro_testbed):
+    import torch
+
+    model, _ = load_testbed_model("llama", assets_dir=micro_testbed, dtype="bfloat16", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        load_testbed_model("bert", assets_dir=micro_testbed)
