@@ -75,7 +75,7 @@ def progress_bars(enabled: bool = True) -> Iterator[Any]:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -157,6 +157,9 @@ def edit_cmd(
     strategy: Optional[str] = typer.Option(None, "--strategy", help="e.g. 'blue' for MEMIT/PMET/AlphaEdit."),
     sets: list[str] = typer.Option([], "--set", help="Config override key=value (JSON values), repeatable."),
     save_delta: Optional[Path] = typer.Option(None, "--save-delta", help="Save the delta(s) to this directory."),
+    originals: bool = typer.Option(
+        True, "--originals/--no-originals", help="Save the original tensors too (exact `kedit delta revert`)."
+    ),
     stats_dir: Optional[Path] = typer.Option(None, "--stats-dir", help="Persist covariance statistics here."),
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object to stdout."),
@@ -184,10 +187,10 @@ def edit_cmd(
     delta_path = None
     if save_delta is not None:
         if len(result.deltas) == 1:
-            result.deltas[0].save(save_delta)
+            result.deltas[0].save(save_delta, include_originals=originals)
         else:
             for i, d in enumerate(result.deltas):
-                d.save(save_delta / f"{i:04d}")
+                d.save(save_delta / f"{i:04d}", include_originals=originals)
         delta_path = str(save_delta)
     summary = {
         "method": name,
@@ -323,7 +326,7 @@ def _apply_or_revert(path: Path, model: str, out_dir: Path, revert: bool) -> dic
     try:
         d = load_delta(path)
         if revert:
-            d.unapply_saved(m)
+            d.revert_saved(m)
         else:
             d.apply(m)
     except DeltaError as e:
@@ -356,10 +359,9 @@ def delta_revert(
 
 def _register_extensions() -> None:
     # sub-command groups that live next to their feature (e.g. `kedit eval`, `kedit report`)
-    with contextlib.suppress(ImportError):
-        from kedit.eval.cli import register
+    from kedit.eval.cli import register
 
-        register(app)
+    register(app)
 
 
 def main() -> None:

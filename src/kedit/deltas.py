@@ -84,6 +84,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_NAME = "edit_config.json"
 WEIGHTS_NAME = "edit_delta.safetensors"
+#: optional file with the pre-apply tensors, written by ``save(..., include_originals=True)``
+ORIGINALS_NAME = "edit_originals.safetensors"
 _FORMAT_TAG = "kedit-edit-delta"
 
 #: thresholds of the partial-swallow warning
@@ -379,6 +381,9 @@ class EditDelta:
     fingerprints: dict[str, str] = field(default_factory=dict)
     apply_report: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     _state: _AppliedState | None = field(default=None, init=False, repr=False)
+    #: loaded from ``edit_originals.safetensors``: the base tensors and the post-apply fingerprints
+    _saved_originals: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
+    _saved_post: dict[str, str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.updates = list(self.updates)
@@ -612,12 +617,28 @@ class EditDelta:
         }
 
     # -- persistence -------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write ``edit_config.json`` and ``edit_delta.safetensors`` into ``directory`` (created if needed)."""
+    def save(self, directory: str | Path, *, include_originals: bool = False) -> Path:
+        """Write ``edit_config.json`` and ``edit_delta.safetensors`` into ``directory`` (created if needed).
+
+        With ``include_originals`` (the delta must be applied), the original tensors are written too
+        (``edit_originals.safetensors``), so :meth:`revert_saved` can later undo the edit *bitwise* on a separately
+        loaded edited checkpoint -- subtracting ΔW could not (see the module docstring).
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
+        if include_originals and self._state is None:
+            raise DeltaStateError("include_originals=True needs an applied delta (the originals are kept by apply)")
         directory.mkdir(parents=True, exist_ok=True)
+        if include_originals:
+            assert self._state is not None
+            save_file(
+                {k: v.detach().to("cpu").contiguous().clone() for k, v in self._state.originals.items()},
+                str(directory / ORIGINALS_NAME),
+                metadata={"format": _FORMAT_TAG, "post_apply_fingerprints": json.dumps(self._state.post_fingerprints)},
+            )
+        elif (directory / ORIGINALS_NAME).exists():
+            (directory / ORIGINALS_NAME).unlink()
         tensors: dict[str, torch.Tensor] = {}
         entries = []
         for u in self.updates:
@@ -722,7 +743,7 @@ class EditDelta:
         if extra:
             raise DeltaFormatError(f"{w_path}: tensors not listed in {CONFIG_NAME}: {sorted(extra)}")
         try:
-            return cls(
+            delta = cls(
                 updates=updates,
                 method=config.get("method", "unknown"),
                 config=config.get("config", {}),
@@ -732,6 +753,45 @@ class EditDelta:
             )
         except (TypeError, ValueError) as e:
             raise DeltaFormatError(f"{cfg_path}: invalid delta ({e})") from e
+        o_path = directory / ORIGINALS_NAME
+        if o_path.is_file():
+            try:
+                with safe_open(str(o_path), framework="pt") as f:
+                    post = json.loads((f.metadata() or {})["post_apply_fingerprints"])
+                    originals = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            except (SafetensorError, OSError, ValueError, KeyError) as e:
+                raise DeltaFormatError(f"{o_path}: cannot read the saved originals ({e})") from e
+            if set(originals) != set(delta.params) or set(post) != set(delta.params):
+                raise DeltaFormatError(f"{o_path}: originals do not match the updated parameters")
+            delta._saved_originals, delta._saved_post = originals, post
+        return delta
+
+    @property
+    def has_saved_originals(self) -> bool:
+        return self._saved_originals is not None
+
+    def revert_saved(self, model: nn.Module) -> None:
+        """Undo this (loaded) delta on a model that has it applied -- e.g. an edited checkpoint loaded from disk --
+        by restoring the saved original tensors bitwise.
+
+        Refuses unless the delta was saved with ``include_originals=True`` and every targeted tensor is exactly the
+        post-apply state (no other edit on top).
+        """
+        if self._saved_originals is None or self._saved_post is None:
+            raise DeltaStateError(
+                f"this {self.method} delta was saved without its original tensors; an exact revert needs "
+                "save(..., include_originals=True) (kedit edit --save-delta does this by default)"
+            )
+        params = {name: _get_param(model, name) for name in self._saved_originals}
+        for name, p in params.items():
+            if tensor_fingerprint(p) != self._saved_post[name]:
+                raise FingerprintMismatchError(
+                    f"parameter {name!r} is not in the state this {self.method} delta left it in (another model, or "
+                    "another edit on top): revert in LIFO order"
+                )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self._saved_originals[name].to(device=p.device, dtype=p.dtype))
 
 
 def load_delta(directory: str | Path) -> EditDelta:

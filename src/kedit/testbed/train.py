@@ -42,7 +42,7 @@ class ModelSpec:
     n_layers: int = 6
     n_heads: int = 4
     d_mlp: int = 640  # GPT-2: 4 * d_model; Llama: gated MLP width
-    max_positions: int = 64
+    max_positions: int = 128  # = TrainConfig.pack_len of the recipe, so every position is trained
 
 
 DEFAULT_SPECS: dict[str, ModelSpec] = {
@@ -69,6 +69,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     prompt_loss_weight: float = 0.25  # weight of non-object tokens in fact sentences (objects weigh 1)
     filler_per_epoch: int = 600  # filler sentences mixed into each epoch (rotating through the filler)
+    # Packing: sentences are concatenated (separated by one space) into sequences of at most ``pack_len`` tokens
+    # (bos and eos included), so facts occur at arbitrary offsets after arbitrary context; ``single_frac`` of the
+    # sentences stay alone (``bos sentence eos``). ``pack_len=0`` disables packing (one sentence per sequence).
+    # ``batch_size`` counts sequences (packed or single).
+    pack_len: int = 0
+    single_frac: float = 0.2
     seed: int = 0
     num_threads: int = 1  # 1 is robust on shared CPUs (2 threads stall badly when cores are oversubscribed)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +136,10 @@ def build_model(spec: ModelSpec, vocab_size: int, bos_id: int, eos_id: int, pad_
 class Example:
     ids: list[int]
     weights: list[float]  # loss weight of predicting ids[i] (weights[0] unused)
+    # the sentence tokenised after a preceding sentence (" " + sentence, no bos/eos) and its loss weights, for
+    # packing; the body at the start of a sequence is ``ids[1:-1]`` / ``weights[1:-1]``
+    cont: list[int] = field(default_factory=list)
+    cont_weights: list[float] = field(default_factory=list)
 
 
 def encode_examples(
@@ -144,20 +154,50 @@ def encode_examples(
     ``prompt_loss_weight`` on the prompt tokens. Plain sentences weigh 1 everywhere.
     """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    fact_ex = []
-    prompts = tokenizer([p for p, _ in facts], add_special_tokens=False)["input_ids"]
-    fulls = tokenizer([f"{p} {o}." for p, o in facts], add_special_tokens=False)["input_ids"]
-    for p_ids, f_ids in zip(prompts, fulls):
-        if f_ids[: len(p_ids)] != p_ids:
-            raise ValueError("prompt tokenisation is not a prefix of the sentence tokenisation")
-        ids = [bos] + f_ids + [eos]
-        w = [0.0] + [prompt_loss_weight] * len(p_ids) + [1.0] * (len(f_ids) - len(p_ids)) + [1.0]
-        fact_ex.append(Example(ids, w))
+
+    def _fact(prefix: str) -> list[tuple[list[int], list[float]]]:
+        prompts = tokenizer([prefix + p for p, _ in facts], add_special_tokens=False)["input_ids"]
+        fulls = tokenizer([f"{prefix}{p} {o}." for p, o in facts], add_special_tokens=False)["input_ids"]
+        out = []
+        for p_ids, f_ids in zip(prompts, fulls):
+            if f_ids[: len(p_ids)] != p_ids:
+                raise ValueError("prompt tokenisation is not a prefix of the sentence tokenisation")
+            out.append((f_ids, [prompt_loss_weight] * len(p_ids) + [1.0] * (len(f_ids) - len(p_ids))))
+        return out
+
+    fact_ex = [
+        Example([bos] + f + [eos], [0.0] + w + [1.0], c, cw)
+        for (f, w), (c, cw) in zip(_fact(""), _fact(" "))
+    ]
     plain_ex = []
-    for ids in tokenizer(list(plain), add_special_tokens=False)["input_ids"]:
+    bodies = tokenizer(list(plain), add_special_tokens=False)["input_ids"]
+    conts = tokenizer([" " + t for t in plain], add_special_tokens=False)["input_ids"]
+    for ids, c in zip(bodies, conts):
         ids = [bos] + ids + [eos]
-        plain_ex.append(Example(ids, [0.0] + [1.0] * (len(ids) - 1)))
+        plain_ex.append(Example(ids, [0.0] + [1.0] * (len(ids) - 1), c, [1.0] * len(c)))
     return fact_ex, plain_ex
+
+
+def _pack(rng: random.Random, items: list[Example], cfg: TrainConfig) -> list[Example]:
+    """Greedy packing of the (shuffled) ``items``: ``bos s1 ␣s2 ␣s3 … eos`` up to ``cfg.pack_len`` tokens."""
+    if cfg.pack_len <= 0:
+        return items
+    out: list[Example] = []
+    cur: Example | None = None
+    for e in items:
+        if rng.random() < cfg.single_frac or not e.cont:
+            out.append(e)
+            continue
+        if cur is not None and len(cur.ids) + len(e.cont) + 1 <= cfg.pack_len:
+            cur.ids += e.cont
+            cur.weights += e.cont_weights
+            continue
+        if cur is not None:
+            out.append(Example(cur.ids + [e.ids[-1]], cur.weights + [1.0]))
+        cur = Example(e.ids[:-1], e.weights[:-1])  # open a new sequence (eos appended when it is closed)
+    if cur is not None:
+        out.append(Example(cur.ids + [items[0].ids[-1]], cur.weights + [1.0]))
+    return out
 
 
 def _collate(batch: Sequence[Example], pad_id: int) -> tuple[Any, Any, Any]:
@@ -183,6 +223,7 @@ def _epoch_batches(
         start = (epoch * k) % len(filler)
         items += [filler[(start + j) % len(filler)] for j in range(k)]
     rng.shuffle(items)
+    items = _pack(rng, items, cfg)
     # light length bucketing: sort inside windows of 16 batches, then shuffle the batches
     window = cfg.batch_size * 16
     batches = []
