@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kedit.core.context import EditContext
-from kedit.core.keys import device_of, pad_id
+from kedit.core.keys import device_of, pad_id, target_ids
 from kedit.deltas import EditDelta
 from kedit.methods.registry import get_method
 from kedit.requests import EditRequest, as_requests
@@ -127,14 +127,15 @@ def edit(
     ctx: EditContext | None = None,
     apply: bool = True,
     evaluate: bool = True,
-    max_new_tokens: int = 8,
+    max_new_tokens: int | None = None,
 ) -> EditResult:
     """Edit ``model`` with ``requests`` using ``method``.
 
     Requests are processed in batches of ``batch_size`` (default: all at once for batched methods); each batch's
     delta is computed on the model with the previous batches applied (sequential editing) and applied when
     ``apply`` is true. ``config`` is a config dataclass or a dict of overrides on the architecture preset.
-    With ``evaluate``, success = the greedy continuation of each request's prompt starts with ``target_new``.
+    With ``evaluate``, success = the greedy continuation of each request's prompt starts with ``target_new``
+    (``max_new_tokens`` defaults to the longest target's token count + 2, so long targets are never cut off).
     """
     spec = get_method(method)
     reqs = as_requests(list(requests))
@@ -171,6 +172,8 @@ def edit(
     result.timings["edit_s"] = time.perf_counter() - t0
     if evaluate and apply:
         te = time.perf_counter()
+        if max_new_tokens is None:
+            max_new_tokens = max(len(target_ids(tok, r.target_new)) for r in reqs) + 2
         result.answers = greedy_answers(model, tok, [r.text for r in reqs], max_new_tokens=max_new_tokens)
         result.success = [answers_match(a, r.target_new) for a, r in zip(result.answers, reqs)]
         result.timings["eval_s"] = time.perf_counter() - te

@@ -225,6 +225,7 @@ def demo(
     """Edit the embedded testbed model offline and show its answers before and after."""
     from kedit.api import answers_match, edit, greedy_answers
     from kedit.core.context import EditContext
+    from kedit.core.keys import target_ids
     from kedit.testbed import edit_requests, load_world
 
     m, tok = _load(model)
@@ -238,11 +239,12 @@ def demo(
             nb = r.neighborhood[0]
             probes.append((i, "neighbour", nb.prompt, nb.answer or ""))
     prompts = [p[2] for p in probes]
+    width = max(len(target_ids(tok, p[3])) for p in probes if p[3]) + 2
     t0 = time.perf_counter()
-    before = greedy_answers(m, tok, prompts)
+    before = greedy_answers(m, tok, prompts, max_new_tokens=width)
     with progress_bars(not json_out) as bar:
         result = edit(m, tok, reqs, method=method, ctx=EditContext(progress=bar), evaluate=False)
-    after = greedy_answers(m, tok, prompts)
+    after = greedy_answers(m, tok, prompts, max_new_tokens=width)
     seconds = time.perf_counter() - t0
     rows = [
         {

@@ -701,7 +701,7 @@ class EditDelta:
         try:
             with safe_open(str(w_path), framework="pt") as f:
                 header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise DeltaFormatError(f"{w_path}: cannot read safetensors file ({e})") from e
         if header.get("format") != _FORMAT_TAG or header.get("format_version") != str(FORMAT_VERSION):
@@ -758,7 +758,7 @@ class EditDelta:
             try:
                 with safe_open(str(o_path), framework="pt") as f:
                     post = json.loads((f.metadata() or {})["post_apply_fingerprints"])
-                    originals = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                    originals = {k: f.get_tensor(k) for k in f.keys()}
             except (SafetensorError, OSError, ValueError, KeyError) as e:
                 raise DeltaFormatError(f"{o_path}: cannot read the saved originals ({e})") from e
             if set(originals) != set(delta.params) or set(post) != set(delta.params):

@@ -10,14 +10,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kedit.arch import get_adapter, math_weight  # noqa: E402
-from kedit.core.context import EditContext  # noqa: E402
-from kedit.core.keys import compute_keys  # noqa: E402
-from kedit.core.solve import SingularSystemError  # noqa: E402
-from kedit.core.targets import Site, TargetConfig, optimize_targets, prompt_text  # noqa: E402
-from kedit.methods.registry import get_method  # noqa: E402
-from kedit.requests import EditRequest  # noqa: E402
-from kedit.testing import TINY_TEXT, tiny_model, tiny_tokenizer  # noqa: E402
+from kedit.arch import get_adapter, math_weight
+from kedit.core.context import EditContext
+from kedit.core.keys import compute_keys
+from kedit.core.solve import SingularSystemError
+from kedit.core.targets import Site, TargetConfig, optimize_targets, prompt_text
+from kedit.methods.registry import get_method
+from kedit.requests import EditRequest
+from kedit.testing import TINY_TEXT, tiny_model, tiny_tokenizer
 
 TEMPLATES = ["{}", "Paris is a city. {}", "Because of that. {}"]
 CORPUS = [s.strip() + "." for s in TINY_TEXT.split(".") if s.strip()] * 6

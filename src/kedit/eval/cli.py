@@ -1,6 +1,6 @@
 """``kedit eval`` and ``kedit report`` (registered on the main Typer app by :func:`register`)."""
 
-# ruff: noqa: B008  (typer.Option/Argument defaults are Typer's idiom)
+
 
 from __future__ import annotations
 
