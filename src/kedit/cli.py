@@ -296,7 +296,7 @@ def testbed_build(
     if seed is not None:
         kw["seed"] = seed
     with progress_bars() as bar:
-        manifest = build_testbed(target, progress=bar, **kw)
+        manifest = build_testbed(target, progress=lambda done, total: bar("training", done, total), **kw)
     if json_out:
         sys.stdout.write(json.dumps(manifest) + "\n")
     else:

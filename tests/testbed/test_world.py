@@ -138,7 +138,7 @@ def test_aliases_appear_in_training_text(world):
 
 def test_filler_does_not_state_facts(world):
     filler = "\n".join(world.filler)
-    for _, s, t, o in trained_pairs(world)[:200]:
+    for _, s, t, _o in trained_pairs(world)[:200]:
         assert t.format(s) not in filler
 
 

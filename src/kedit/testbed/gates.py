@@ -25,6 +25,7 @@ __all__ = [
     "evaluate_gates",
     "greedy_generate",
     "heldout_filler",
+    "in_context_pairs",
     "perplexity",
     "recall",
     "weights_digest",
@@ -32,9 +33,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GATE_TARGETS = {"recall_trained": 0.97, "recall_heldout": 0.80}
+GATE_TARGETS = {"recall_trained": 0.97, "recall_heldout": 0.80, "recall_in_context": 0.90}
 # The micro testbed (unit tests, ~1 minute to build) trades held-out generalisation for speed.
-MICRO_GATE_TARGETS = {"recall_trained": 0.95, "recall_heldout": 0.40}
+# The micro GPT-2 (d=64, learned positions) recalls only ~72 % of the facts after a prefix; the micro Llama ~99 %.
+MICRO_GATE_TARGETS = {"recall_trained": 0.95, "recall_heldout": 0.40, "recall_in_context": 0.60}
+CONTEXT_KINDS = ("filler", "fact", "filler+fact")
 
 
 def _device(model: Any) -> Any:
@@ -173,6 +176,31 @@ def heldout_filler(world: World, n: int = 300) -> list[str]:
     return [s for s in cand if s not in train][:n]
 
 
+def in_context_pairs(
+    world: World, pairs: Sequence[tuple[str, str, str, str]], seed: int = 0
+) -> list[tuple[str, str, str]]:
+    """``(kind, prefixed prompt, object)`` for trained ``(relation, subject, template, object)`` pairs, each preceded
+    (after one space) by a held-out filler sentence, a trained fact sentence of another subject, or both (kind
+    chosen round-robin, prefixes drawn from ``random.Random(seed)``)."""
+    rng = random.Random(seed * 7919 + 424242)
+    filler = heldout_filler(world)
+    facts = trained_pairs(world)
+    out = []
+    for i, (_, s, t, o) in enumerate(pairs):
+        kind = CONTEXT_KINDS[i % len(CONTEXT_KINDS)]
+        parts = []
+        if "filler" in kind:
+            parts.append(rng.choice(filler))
+        if "fact" in kind:
+            while True:
+                _, s2, t2, o2 = rng.choice(facts)
+                if s2 != s:
+                    break
+            parts.append(f"{t2.format(s2)} {o2}.")
+        out.append((kind, " ".join(parts + [t.format(s)]), o))
+    return out
+
+
 def _sample(items: list, n: int | None, seed: int) -> list:
     if n is None or n >= len(items):
         return items
@@ -191,7 +219,13 @@ def evaluate_gates(
     """Measure every gate figure; ``max_pairs`` subsamples each pair set (deterministically). ``passed`` compares
     with ``targets`` (default :data:`GATE_TARGETS`)."""
     targets = targets or GATE_TARGETS
-    tr = _sample([(t.format(s), o) for _, s, t, o in trained_pairs(world)], max_pairs, seed)
+    tr_all = _sample(trained_pairs(world), max_pairs, seed)
+    tr = [(t.format(s), o) for _, s, t, o in tr_all]
+    ctx = in_context_pairs(world, tr_all, seed)
+    ctx_score, ctx_hits = recall(model, tokenizer, [(p, o) for _, p, o in ctx], return_hits=True)
+    by_kind: dict[str, list[bool]] = {}
+    for (kind, *_), hit in zip(ctx, ctx_hits):
+        by_kind.setdefault(kind, []).append(hit)
     ho_all = _sample(heldout_pairs(world), max_pairs, seed)
     ho = [(t.format(s), o) for _, s, t, o in ho_all]
     th_tr = _sample([(t.format(s), o) for _, s, t, o in two_hop_pairs(world, trained=True)], max_pairs, seed)
@@ -204,6 +238,8 @@ def evaluate_gates(
         "recall_trained": float(recall(model, tokenizer, tr)),
         "recall_heldout": float(ho_score),
         "recall_heldout_by_relation": {r: round(sum(h) / len(h), 4) for r, h in sorted(by_rel.items())},
+        "recall_in_context": float(ctx_score),
+        "recall_in_context_by_prefix": {k: round(sum(h) / len(h), 4) for k, h in sorted(by_kind.items())},
         "two_hop_trained": float(recall(model, tokenizer, th_tr)),
         "two_hop_heldout": float(recall(model, tokenizer, th_ho)),
         "perplexity_heldout_filler": perplexity(model, tokenizer, heldout_filler(world)),
@@ -211,10 +247,7 @@ def evaluate_gates(
         "n_heldout_pairs": len(ho),
     }
     out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
-    out["passed"] = bool(
-        out["recall_trained"] >= targets["recall_trained"]
-        and out["recall_heldout"] >= targets["recall_heldout"]
-    )
+    out["passed"] = bool(all(out[k] >= v for k, v in targets.items()))
     return out
 
 

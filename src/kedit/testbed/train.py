@@ -1,10 +1,13 @@
 """Deterministic CPU trainer for the tiny testbed models (GPT-2 and Llama).
 
-The loop is deliberately simple: AdamW, linear warmup then cosine decay, batches of padded sentences (each
-sentence is ``<|endoftext|> sentence <|endoftext|>``). In fact sentences the prompt tokens are down-weighted in
-the loss (``prompt_loss_weight``) so that capacity goes to the object, yet every token keeps a loss: the models
-remain real language models. Determinism: the data order comes from ``random.Random(seed)``, the weights from
-``torch.manual_seed`` in a forked RNG scope, and the number of torch threads is fixed by the config.
+The loop is deliberately simple: AdamW, linear warmup then cosine decay, batches of padded sequences. With
+``TrainConfig.pack_len`` > 0 (the recipe) each epoch's shuffled sentences are packed, joined by one space, into
+sequences ``<|endoftext|> s1 s2 … <|endoftext|>`` of at most ``pack_len`` tokens (``single_frac`` of them stay
+alone), so that facts are learnt at arbitrary offsets after arbitrary context. In fact sentences (also inside packed
+sequences) the prompt tokens are down-weighted in the loss (``prompt_loss_weight``) so that capacity goes to the
+object, yet every token keeps a loss: the models remain real language models. Determinism: the data order comes
+from ``random.Random(seed)``, the weights from ``torch.manual_seed`` in a forked RNG scope, and the number of torch
+threads is fixed by the config.
 """
 
 from __future__ import annotations
@@ -151,7 +154,9 @@ def encode_examples(
     """Encode fact sentences given as ``(prompt, object)`` and plain sentences.
 
     A fact becomes ``bos prompt ␣object . eos`` with weight 1 on the object, the full stop and eos, and
-    ``prompt_loss_weight`` on the prompt tokens. Plain sentences weigh 1 everywhere.
+    ``prompt_loss_weight`` on the prompt tokens. Plain sentences weigh 1 everywhere. Each example also carries
+    ``cont``: the sentence tokenised after a preceding one (``" " + sentence``, the byte-level pre-tokeniser makes
+    this the tokenisation of the joined text) with the same per-token weights, used when packing.
     """
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
@@ -166,8 +171,7 @@ def encode_examples(
         return out
 
     fact_ex = [
-        Example([bos] + f + [eos], [0.0] + w + [1.0], c, cw)
-        for (f, w), (c, cw) in zip(_fact(""), _fact(" "))
+        Example([bos] + f + [eos], [0.0] + w + [1.0], c, cw) for (f, w), (c, cw) in zip(_fact(""), _fact(" "))
     ]
     plain_ex = []
     bodies = tokenizer(list(plain), add_special_tokens=False)["input_ids"]
