@@ -65,8 +65,8 @@ class MethodSpec:
             if f.name in values:
                 cur = getattr(start, f.name)
                 v = values[f.name]
-                if isinstance(cur, tuple) and isinstance(v, list):
-                    v = tuple(v)
+                if isinstance(v, list) and (isinstance(cur, tuple) or cur is None):
+                    v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
                 if isinstance(cur, float) and isinstance(v, int) and not isinstance(v, bool):
                     v = float(v)
                 fixed[f.name] = v
