@@ -155,8 +155,10 @@ def compute_lora(
     )
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with keep_grad_flags(model):
-        fork_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices), warnings.catch_warnings():
+        # fork the RNG of the model's own device type too (no device name is assumed)
+        accel = device.type != "cpu"
+        with torch.random.fork_rng(devices=[device] if accel else [], device_type=device.type), \
+                warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             torch.manual_seed(ctx.seed)
