@@ -47,8 +47,7 @@ from kedit.methods.memit.walk import (
     make_delta,
     request_keys,
     resolve_layers,
-    target_config,
-    walk_layers,
+    run_walk,
 )
 from kedit.methods.registry import register_method
 from kedit.requests import EditRequest
@@ -160,19 +159,7 @@ def compute_alphaedit(
         solve,
         after=edited_keys if config.accumulate_keys else None,
     )
-    result = walk_layers(
-        model,
-        tok,
-        adapter,
-        requests,
-        stages,
-        walk,
-        target_config(config),
-        templates,
-        ctx=ctx,
-        group_sizes=groups,
-        debug=config.debug,
-    )
+    result = run_walk(model, tok, adapter, requests, stages, walk, config, ctx, templates=templates)
     extra = {
         "alphaedit": {
             "nullspace_dims": {str(l): int(bases[l].shape[1]) for l in edited},

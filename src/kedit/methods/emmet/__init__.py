@@ -28,12 +28,11 @@ from kedit.methods.blue import preset_overrides
 from kedit.methods.memit.walk import (
     LocateEditConfig,
     Walk,
-    group_sizes,
+    covariances,
     make_delta,
     resolve_layers,
+    run_walk,
     spread_stages,
-    target_config,
-    walk_layers,
 )
 from kedit.methods.registry import register_method
 from kedit.requests import EditRequest
@@ -75,9 +74,7 @@ def compute_emmet(
     layers_cfg = config.layers if config.layers is not None else (auto_layer(adapter.num_layers(model)),)
     layers = resolve_layers(model, adapter, layers_cfg, name)
     stages = spread_stages(layers, "linear")
-    C = {
-        l: sm.mean for l, sm in ctx.second_moments(model, tok, layers, n_tokens=config.mom2_n_tokens).items()
-    }
+    C = covariances(ctx, model, tok, layers, config.mom2_n_tokens)
 
     def solve(layer, K, R):
         return emmet_update_factors(
@@ -91,20 +88,7 @@ def compute_emmet(
         )
 
     walk = Walk(name, lambda l: [Site("block", l)], lambda l: Site("block", l), solve)
-    templates = ctx.context_templates(model, tok, config.context_lengths)
-    result = walk_layers(
-        model,
-        tok,
-        adapter,
-        requests,
-        stages,
-        walk,
-        target_config(config),
-        templates,
-        ctx=ctx,
-        group_sizes=group_sizes(config, ctx),
-        debug=config.debug,
-    )
+    result = run_walk(model, tok, adapter, requests, stages, walk, config, ctx)
     return make_delta(model, adapter, result, method="emmet", config=config, requests=requests, layers=layers)
 
 

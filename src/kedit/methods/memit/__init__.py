@@ -29,11 +29,10 @@ from kedit.methods.blue import BLUE_PAPER, plan_stages, preset_overrides
 from kedit.methods.memit.walk import (
     LocateEditConfig,
     Walk,
-    group_sizes,
+    covariances,
     make_delta,
     resolve_layers,
-    target_config,
-    walk_layers,
+    run_walk,
 )
 from kedit.methods.registry import register_method
 from kedit.requests import EditRequest
@@ -72,29 +71,14 @@ def compute_memit(
     layers = resolve_layers(model, adapter, config.layers, name)
     stages = plan_stages(layers, config.strategy, "linear")
     edited = [s.layer for s in stages]
-    C = {
-        l: sm.mean for l, sm in ctx.second_moments(model, tok, edited, n_tokens=config.mom2_n_tokens).items()
-    }
+    C = covariances(ctx, model, tok, edited, config.mom2_n_tokens)
     lam = config.mom2_update_weight
 
     def solve(layer, K, R):
         return ridge_update_factors(K, R, C[layer], lam, what=f"{name} layer {layer} (λC + KKᵀ)")
 
     walk = Walk(name, lambda l: [Site("block", l)], lambda l: Site("block", l), solve)
-    templates = ctx.context_templates(model, tok, config.context_lengths)
-    result = walk_layers(
-        model,
-        tok,
-        adapter,
-        requests,
-        stages,
-        walk,
-        target_config(config),
-        templates,
-        ctx=ctx,
-        group_sizes=group_sizes(config, ctx),
-        debug=config.debug,
-    )
+    result = run_walk(model, tok, adapter, requests, stages, walk, config, ctx)
     return make_delta(
         model, adapter, result, method=name.lower(), config=config, requests=requests, layers=layers
     )

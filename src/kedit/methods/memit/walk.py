@@ -412,6 +412,43 @@ def group_sizes(config: LocateEditConfig, ctx: EditContext) -> list[int] | None:
     return [1] + [int(c) for _, c in config.context_lengths]
 
 
+def covariances(ctx: EditContext, model: nn.Module, tok, layers: Sequence[int], n_tokens: int) -> dict:
+    """``{layer: C}`` -- the uncentred second moments of the keys at ``layers`` (one pass, cached on ``ctx``)."""
+    return {l: sm.mean for l, sm in ctx.second_moments(model, tok, layers, n_tokens=n_tokens).items()}
+
+
+def run_walk(
+    model: nn.Module,
+    tok,
+    adapter: ArchAdapter,
+    requests: Sequence[EditRequest],
+    stages: Sequence[Stage],
+    walk: Walk,
+    config: LocateEditConfig,
+    ctx: EditContext,
+    *,
+    tcfg: TargetConfig | None = None,
+    templates: Sequence[str] | None = None,
+) -> WalkResult:
+    """:func:`walk_layers` with the context templates, template groups, target config and debug flag taken
+    from ``config`` / ``ctx`` -- the part every locate-then-edit method shares."""
+    if templates is None:
+        templates = ctx.context_templates(model, tok, config.context_lengths)
+    return walk_layers(
+        model,
+        tok,
+        adapter,
+        requests,
+        stages,
+        walk,
+        tcfg if tcfg is not None else target_config(config),
+        templates,
+        ctx=ctx,
+        group_sizes=group_sizes(config, ctx),
+        debug=config.debug,
+    )
+
+
 def make_delta(
     model: nn.Module,
     adapter: ArchAdapter,

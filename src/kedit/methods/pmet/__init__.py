@@ -27,11 +27,11 @@ from kedit.methods.blue import BLUE_PAPER, plan_stages, preset_overrides
 from kedit.methods.memit.walk import (
     LocateEditConfig,
     Walk,
-    group_sizes,
+    covariances,
     make_delta,
     resolve_layers,
+    run_walk,
     target_config,
-    walk_layers,
 )
 from kedit.methods.registry import register_method
 from kedit.requests import EditRequest
@@ -74,9 +74,7 @@ def compute_pmet(
     layers = resolve_layers(model, adapter, config.layers, name)
     stages = plan_stages(layers, config.strategy, "sqrt")
     edited = [s.layer for s in stages]
-    C = {
-        l: sm.mean for l, sm in ctx.second_moments(model, tok, edited, n_tokens=config.mom2_n_tokens).items()
-    }
+    C = covariances(ctx, model, tok, edited, config.mom2_n_tokens)
     lam = config.mom2_update_weight
 
     def solve(layer, K, R):
@@ -84,20 +82,7 @@ def compute_pmet(
 
     walk = Walk(name, _sites, lambda l: Site("mlp_out", l), solve)
     tcfg = target_config(config, adaptive_nll=True, nll_factor=config.nll_loss_factor)
-    templates = ctx.context_templates(model, tok, config.context_lengths)
-    result = walk_layers(
-        model,
-        tok,
-        adapter,
-        requests,
-        stages,
-        walk,
-        tcfg,
-        templates,
-        ctx=ctx,
-        group_sizes=group_sizes(config, ctx),
-        debug=config.debug,
-    )
+    result = run_walk(model, tok, adapter, requests, stages, walk, config, ctx, tcfg=tcfg)
     return make_delta(
         model, adapter, result, method=name.lower(), config=config, requests=requests, layers=layers
     )
