@@ -81,3 +81,19 @@ def test_demo_json(model):
     kinds = {p["kind"] for p in out["probes"]}
     assert kinds == {"prompt", "paraphrase", "neighbour"}
     assert all(p["before"] != "" for p in out["probes"])
+
+
+def test_testbed_request_specs():
+    import typer
+
+    from kedit.cli import resolve_requests
+    from kedit.testbed import edit_requests, load_world
+
+    world_reqs = edit_requests(load_world(), n=12)
+    assert [r.case_id for r in resolve_requests("testbed:5")] == [r.case_id for r in world_reqs[:5]]
+    held = resolve_requests("testbed:8-12")
+    assert [r.case_id for r in held] == [r.case_id for r in world_reqs[8:12]]
+    assert len(resolve_requests("testbed:8-12", limit=2)) == 2
+    for bad in ("testbed:5-5", "testbed:x", "testbed:7-3"):
+        with pytest.raises(typer.Exit):
+            resolve_requests(bad)

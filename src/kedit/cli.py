@@ -91,20 +91,39 @@ def _load(model: str) -> tuple[Any, Any]:
 
 
 def resolve_requests(spec: str, limit: int | None = None, fmt: str | None = None) -> list[Any]:
-    """``testbed[:N]`` (the testbed's counterfactual requests) or a dataset file in any supported format."""
+    """``testbed``, ``testbed:N`` (the first N), ``testbed:A-B`` (requests A..B-1, e.g. a held-out slice) -- the
+    testbed's counterfactual requests -- or a dataset file in any supported format."""
     if spec == "testbed" or spec.startswith("testbed:"):
         from kedit.testbed import edit_requests, load_world
 
-        n = int(spec.split(":", 1)[1]) if ":" in spec else None
+        start, stop = _testbed_slice(spec)
+        reqs = edit_requests(load_world(), n=stop)
+        reqs = reqs[start:stop]
         if limit is not None:
-            n = min(n, limit) if n is not None else limit
-        return edit_requests(load_world(), n=n)
+            reqs = reqs[:limit]
+        return reqs
     from kedit.data import load_requests
 
     path = Path(spec)
     if not path.exists():
-        _fail(f"requests file {spec!r} not found (or use testbed[:N])")
+        _fail(f"requests file {spec!r} not found (or use testbed[:N] / testbed:A-B)")
     return load_requests(path, format=fmt, limit=limit)
+
+
+def _testbed_slice(spec: str) -> tuple[int, int | None]:
+    arg = spec.split(":", 1)[1] if ":" in spec else ""
+    try:
+        if not arg:
+            return 0, None
+        if "-" in arg:
+            a, b = (int(x) for x in arg.split("-", 1))
+        else:
+            a, b = 0, int(arg)
+    except ValueError:
+        _fail(f"bad testbed spec {spec!r}: use testbed, testbed:N or testbed:A-B")
+    if a < 0 or b <= a:
+        _fail(f"bad testbed spec {spec!r}: need 0 <= A < B")
+    return a, b
 
 
 def _parse_sets(sets: list[str]) -> dict[str, Any]:
@@ -150,7 +169,7 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) 
 def edit_cmd(
     model: str = typer.Option("testbed-gpt2", "--model", "-m", help="testbed-gpt2, testbed-llama, or an HF name/path."),
     method: str = typer.Option("rome", "--method", help="Editing method (see `kedit methods`)."),
-    requests: str = typer.Option("testbed:10", "--requests", "-r", help="FILE or testbed[:N]."),
+    requests: str = typer.Option("testbed:10", "--requests", "-r", help="FILE, testbed[:N] or testbed:A-B (requests A..B-1)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Force the dataset format of FILE."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N requests."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Requests per edit batch."),

@@ -259,7 +259,8 @@ def test_sequential_immediate_and_final(model, tok, tmp_path):
     fin = _run(model, tok, tmp_path, "sequential-final/v1", n=4)
     assert [c["state"] for c in CALLS] == states  # the same edit sequence
     assert [r["n_edits"] for r in fin.records] == [4, 4, 4, 4]
-    assert imm.records[3]["metrics"] == fin.records[3]["metrics"]  # the last record sees the same model
+    # the last record sees the same model (batch composition differs, so floats agree to rounding only)
+    assert imm.records[3]["metrics"] == pytest.approx(fin.records[3]["metrics"], rel=1e-6, abs=1e-9)
     assert _same(before, model.state_dict())
 
 
@@ -412,3 +413,18 @@ def test_cli_eval_json_and_report(model, tok, tmp_path):
     assert json.loads(rep.stdout)["rows"][0]["metrics"]["reliability/exact_match"]["mean"] is not None
     bad = runner.invoke(app, args[:-6] + ["--protocol", "nope/v9"])
     assert bad.exit_code == 2 and "unknown protocol" in bad.output
+
+
+def test_continuations_are_long_enough_for_every_answer():
+    """A record whose answer is longer than max_new_tokens gets a longer continuation (never cut off), decided per
+    record so the pre- and post-edit continuations have the same length."""
+    from kedit.eval.scoring import probe_specs, record_new_tokens
+
+    tok = tiny_tokenizer()
+    long_target = " ".join(["alpha beta gamma"] * 6)
+    req = EditRequest(prompt="{} is", subject="Paris", target_new=long_target, target_true="Rome")
+    n_ans = len(target_ids(tok, long_target))
+    assert n_ans > 8
+    assert record_new_tokens(tok, probe_specs(req), 8) == n_ans + 2
+    short = EditRequest(prompt="{} is", subject="Paris", target_new="Rome", target_true="Lyon")
+    assert record_new_tokens(tok, probe_specs(short), 8) == 8

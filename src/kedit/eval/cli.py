@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(
         model: str = typer.Option(..., "--model", "-m", help="testbed-gpt2, testbed-llama, or an HF name/path."),
         method: str = typer.Option(..., "--method", help="Editing method (see `kedit methods`)."),
-        data: str = typer.Option(..., "--data", "-d", help="FILE (any supported format) or testbed[:N]."),
+        data: str = typer.Option(..., "--data", "-d", help="FILE (any supported format), testbed[:N] or testbed:A-B."),
         protocol: str = typer.Option("single/v1", "--protocol", "-p",
                                      help="single/v1 | batch/v1 | sequential-final/v1 | sequential-immediate/v1."),
         batch_size: int = typer.Option(1, "--batch-size", "-k", help="Edits per compute call (batch/sequential)."),

@@ -374,7 +374,7 @@ def _cf_true_over_new(p: ProbeResult, magnitude: bool) -> float | None:
 _TF = ("teacher-forced token accuracy WITH PARTIAL CREDIT: ids = tok(prompt) ⊕ tok(' ' + answer, no special "
        "tokens); per probe, the fraction of answer tokens that are the argmax of the next-token distribution given "
        "the prompt and the true previous answer tokens; mean over the record's {what}, then over records.")
-_EM = ("exact match of the greedy continuation (max_new_tokens tokens, decoded without special tokens): 1 if the "
+_EM = ("exact match of the greedy continuation (max(max_new_tokens, longest answer of the record in tokens + 2) tokens, decoded without special tokens): 1 if the "
        "normalised continuation (NFKC, casefold, punctuation→space, whitespace collapsed) starts with a normalised "
        "acceptable answer ({answers}) on a word boundary, else 0; mean over the record's {what}, then over records.")
 _CF = ("CounterFact {score}: per probe 1[P({a}) > P({b})] with P = exp(-mean per-token NLL) under teacher forcing "
@@ -437,7 +437,7 @@ def _pairs(post: Observation, pre: Observation | None, group: str) -> list[tuple
 @register_metric(
     "locality/unchanged",
     definition="unchanged from the pre-edit model: per neighbourhood probe, 1 if the post-edit greedy continuation "
-    "(max_new_tokens tokens, whitespace-collapsed) is identical to the pre-edit one, else 0; mean over the record's "
+    "(same length as for exact match, whitespace-collapsed) is identical to the pre-edit one, else 0; mean over the record's "
     "neighbourhood probes, then over records.",
     needs_pre=True,
 )

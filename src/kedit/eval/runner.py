@@ -130,6 +130,10 @@ class EvalRun:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
+#: bumped when how a record is measured changes (2: continuation length extended per record to its longest answer)
+SCORING_RULE = 2
+
+
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -475,7 +479,7 @@ def _pre_edit(
     report: Progress,
 ) -> tuple[list[Observation], float | None]:
     """Pre-edit observations of every record (and the pre-edit perplexity), from the cache where present."""
-    key = _sha({"model": fingerprint, "records": records_hash, "ppl": ppl_hash,
+    key = _sha({"model": fingerprint, "records": records_hash, "ppl": ppl_hash, "rule": SCORING_RULE,
                 "scoring": {k: v for k, v in dataclasses.asdict(scoring).items() if k != "batch_size"}})[:20]
     cached: dict[int, Observation] = {}
     meta_path = obs_path = None

@@ -34,7 +34,9 @@ class ScoringConfig:
 
     Attributes:
         batch_size: prompts per forward pass (1 = one prompt at a time, only for benchmarks).
-        max_new_tokens: length of the greedy continuations used by exact match and locality.
+        max_new_tokens: minimum length of the greedy continuations used by exact match and locality; a record
+            whose longest answer (any group, in tokens) needs more gets ``that + 2`` -- decided per record, so the
+            pre- and post-edit continuations of a record always have the same length and no answer is cut off.
         fluency_tokens: length of the greedy generations scored by n-gram entropy (0 disables fluency).
         fluency_prompts: at most this many generation prompts per record.
     """
@@ -192,6 +194,15 @@ def text_nll(model: nn.Module, tok, texts: Sequence[str], *, batch_size: int = 6
     return total, count
 
 
+def record_new_tokens(tok, by_group: dict[str, list[ProbeSpec]], minimum: int) -> int:
+    """Greedy-continuation length for one record: ``max(minimum, longest answer in tokens + 2)``."""
+    longest = max(
+        (len(target_ids(tok, a)) for specs in by_group.values() for s in specs for a in s.answers if a.strip()),
+        default=0,
+    )
+    return max(minimum, longest + 2)
+
+
 def generate(model: nn.Module, tok, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy continuations (:func:`kedit.api.greedy_answers`) computed in length-sorted batches (less padding),
     returned in input order."""
@@ -226,9 +237,12 @@ def observe(
     flat: list[tuple[int, str, int, ProbeSpec]] = [
         (ri, g, pi, s) for ri, by_group in enumerate(specs) for g in GROUPS for pi, s in enumerate(by_group.get(g, []))
     ]
-    gens = generate(model, tok, [s.prompt for *_, s in flat], max_new_tokens=config.max_new_tokens,
-                    batch_size=config.batch_size)
-    gen_of = {(ri, g, pi): text for (ri, g, pi, _), text in zip(flat, gens)}
+    need = [record_new_tokens(tok, by_group, config.max_new_tokens) for by_group in specs]
+    gen_of: dict[tuple[int, str, int], str] = {}
+    for length in sorted(set(need)):
+        part = [(ri, g, pi, s) for ri, g, pi, s in flat if need[ri] == length]
+        gens = generate(model, tok, [s.prompt for *_, s in part], max_new_tokens=length, batch_size=config.batch_size)
+        gen_of.update({(ri, g, pi): text for (ri, g, pi, _), text in zip(part, gens)})
 
     flu_prompts = [fluency_prompts(r, config.fluency_prompts) if config.fluency_tokens > 0 else [] for r in requests]
     flu_flat = [p for ps in flu_prompts for p in ps]
