@@ -4,7 +4,8 @@ Every cell is one :func:`kedit.eval.run_eval` run written to ``--out/<model>/<pr
 a rerun only evaluates what is missing), so ``kedit report`` can render any subset of them afterwards.
 
     python benchmarks/efficacy.py                                    # batch 1 (single/v1), every method, 50 requests
-    python benchmarks/efficacy.py --methods memit alphaedit --protocol batch/v1 --batch-size 200 --data testbed:200-400
+    python benchmarks/efficacy.py --methods memit alphaedit --protocol batch/v1 --batch-size 200 \
+        --data testbed:400-1564 --distinct-subjects --limit 200
     python benchmarks/efficacy.py --protocol sequential-final/v1 --batch-size 50 --data testbed:100-600
     python benchmarks/efficacy.py --json                             # one JSON object on stdout
 
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", default="single/v1")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--data", default="testbed:100-150", help="testbed[:N], testbed:A-B or a dataset file")
+    ap.add_argument("--limit", type=int, default=None, help="use at most N requests (after --distinct-subjects)")
+    ap.add_argument("--distinct-subjects", action="store_true",
+                    help="keep the first request of each subject (conflict-free batches, MEMIT's mass-editing setup)")
     ap.add_argument("--out", default="results/efficacy")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--fluency-tokens", type=int, default=0, help="0 (default) skips fluency generation")
@@ -55,14 +59,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    requests = resolve_requests(args.data)
+    requests = resolve_requests(args.data, args.limit, distinct=args.distinct_subjects)
+    # runs on other request sets go to their own directories (the default set keeps the plain name)
+    tag = "" if args.data == "testbed:100-150" and not args.distinct_subjects and args.limit is None else (
+        "-" + Path(args.data).name.replace(":", "_") + ("-distinct" if args.distinct_subjects else "")
+        + (f"-n{args.limit}" if args.limit is not None else ""))
     cells = []
     for model_name in args.models:
         model, tok = load_model(model_name)
         ctx = EditContext()  # statistics shared by the methods on this model
         ppl = _ppl_texts(model_name, None, 64)
         for method in args.methods:
-            out = Path(args.out) / model_name / f"{args.protocol.replace('/', '-')}-k{args.batch_size}" / method
+            out = Path(args.out) / model_name / f"{args.protocol.replace('/', '-')}-k{args.batch_size}{tag}" / method
             cfg = EvalConfig(protocol=args.protocol, batch_size=args.batch_size, fluency_tokens=args.fluency_tokens)
             t = time.perf_counter()
             run = run_eval(model, tok, requests, method, config=cfg, out_dir=out, ctx=ctx, ppl_texts=ppl,

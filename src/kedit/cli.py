@@ -90,24 +90,38 @@ def _load(model: str) -> tuple[Any, Any]:
         raise
 
 
-def resolve_requests(spec: str, limit: int | None = None, fmt: str | None = None) -> list[Any]:
+def resolve_requests(
+    spec: str, limit: int | None = None, fmt: str | None = None, *, distinct: bool = False
+) -> list[Any]:
     """``testbed``, ``testbed:N`` (the first N), ``testbed:A-B`` (requests A..B-1, e.g. a held-out slice) -- the
-    testbed's counterfactual requests -- or a dataset file in any supported format."""
+    testbed's counterfactual requests -- or a dataset file in any supported format.
+
+    With ``distinct``, only the first request of each subject is kept (:func:`kedit.data.distinct_subjects`,
+    the mass-editing protocol of MEMIT), and ``limit`` counts the kept ones.
+    """
     if spec == "testbed" or spec.startswith("testbed:"):
         from kedit.testbed import edit_requests, load_world
 
         start, stop = _testbed_slice(spec)
         reqs = edit_requests(load_world(), n=stop)
         reqs = reqs[start:stop]
-        if limit is not None:
-            reqs = reqs[:limit]
-        return reqs
-    from kedit.data import load_requests
+    else:
+        from kedit.data import load_requests
 
-    path = Path(spec)
-    if not path.exists():
-        _fail(f"requests file {spec!r} not found (or use testbed[:N] / testbed:A-B)")
-    return load_requests(path, format=fmt, limit=limit)
+        path = Path(spec)
+        if not path.exists():
+            _fail(f"requests file {spec!r} not found (or use testbed[:N] / testbed:A-B)")
+        reqs = load_requests(path, format=fmt, limit=None if distinct else limit)
+    if distinct:
+        from kedit.data import distinct_subjects
+
+        try:
+            reqs = distinct_subjects(reqs, limit=limit)
+        except ValueError as e:
+            _fail(str(e))
+    elif limit is not None:
+        reqs = reqs[:limit]
+    return reqs
 
 
 def _testbed_slice(spec: str) -> tuple[int, int | None]:
@@ -172,6 +186,8 @@ def edit_cmd(
     requests: str = typer.Option("testbed:10", "--requests", "-r", help="FILE, testbed[:N] or testbed:A-B (requests A..B-1)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="Force the dataset format of FILE."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N requests."),
+    distinct: bool = typer.Option(False, "--distinct-subjects",
+                                  help="Keep only the first request of each subject (conflict-free batches)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Requests per edit batch."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="e.g. 'blue' for MEMIT/PMET/AlphaEdit."),
     sets: list[str] = typer.Option([], "--set", help="Config override key=value (JSON values), repeatable."),
@@ -191,7 +207,7 @@ def edit_cmd(
 
     name = _method_name(method, strategy)
     try:
-        reqs = resolve_requests(requests, limit, fmt)
+        reqs = resolve_requests(requests, limit, fmt, distinct=distinct)
         m, tok = _load(model)
         t0 = time.perf_counter()
         with progress_bars() as bar:

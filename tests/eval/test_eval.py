@@ -428,3 +428,46 @@ def test_continuations_are_long_enough_for_every_answer():
     assert record_new_tokens(tok, probe_specs(req), 8) == n_ans + 2
     short = EditRequest(prompt="{} is", subject="Paris", target_new="Rome", target_true="Lyon")
     assert record_new_tokens(tok, probe_specs(short), 8) == 8
+
+
+def test_summary_counts_subject_conflicts_per_edit_batch(model, tok, tmp_path):
+    """Two requests about one subject in the same compute call are counted (and warned about); in different
+    batches they are not a conflict."""
+    import dataclasses
+
+    base = _reqs(3)
+    twin = dataclasses.replace(base[1], target_new="Madrid", case_id="twin")
+    reqs = [base[0], base[1], twin, base[2]]
+    for k, expected in ((4, 1), (2, 0)):
+        run = run_eval(model, tok, reqs, "eval-test-boost", config=EvalConfig(protocol="batch/v1", batch_size=k, **FAST),
+                       out_dir=tmp_path / f"k{k}", ppl_texts=None, model_name="tiny")
+        assert run.summary["subject_conflicts"] == expected
+
+
+def test_neighbourhood_probes_about_edited_subjects_are_excluded(model, tok, tmp_path):
+    """Locality rule 2: a neighbourhood probe naming a subject that is edited in the evaluated model state is not
+    an unrelated fact; it is dropped from locality (and counted), only while that subject's edit is applied."""
+    import dataclasses
+
+    base = _reqs(2)  # subjects "Toko Yasuda", "France"
+    a = dataclasses.replace(base[0], neighborhood=(Probe("The capital of France is", "Paris"), Probe("Berlin is in")))
+    reqs = [a, base[1]]
+    together = run_eval(model, tok, reqs, "eval-test-boost", config=EvalConfig(protocol="batch/v1", batch_size=2, **FAST),
+                        out_dir=tmp_path / "k2", ppl_texts=None, model_name="tiny")
+    alone = run_eval(model, tok, reqs, "eval-test-boost", config=EvalConfig(protocol="single/v1", **FAST),
+                     out_dir=tmp_path / "k1", ppl_texts=None, model_name="tiny")
+    assert [r["locality_excluded"] for r in together.records] == [1, 0]
+    assert [r["locality_excluded"] for r in alone.records] == [0, 0]
+    assert together.summary["locality_probes_excluded"] == 1
+    # the kept probe is still measured
+    assert together.records[0]["metrics"]["locality/unchanged"] is not None
+
+
+def test_mentions_any_matches_whole_words_only():
+    from kedit.data.select import mentions_any, subject_key
+
+    keys = frozenset({subject_key("Doro"), subject_key("Lone Zeneko")})
+    assert mentions_any("Q: Where was lone  ZENEKO born? A:", keys)
+    assert mentions_any("Doro is a city in", keys)
+    assert not mentions_any("Dorothea is a city in", keys)
+    assert not mentions_any("anything", frozenset())

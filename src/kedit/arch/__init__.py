@@ -110,6 +110,12 @@ class ArchAdapter:
         return idx
 
     def module(self, model: nn.Module, slot: str, layer: int | None = None) -> nn.Module:
+        if slot == "unembed" and layer is None:
+            # the LM head moved between transformers versions (GPT-NeoX: ``embed_out`` in 4.x, ``lm_head`` in 5.x);
+            # ``get_output_embeddings`` is the stable way to reach it, the table's path the fallback
+            head = getattr(model, "get_output_embeddings", lambda: None)()
+            if isinstance(head, nn.Module):
+                return head
         if layer is not None:
             layer = self.check_layer(model, layer)
         return model.get_submodule(self.path(slot, layer))
@@ -196,7 +202,7 @@ def _builtin() -> dict[str, ArchAdapter]:
             embed="gpt_neox.embed_in",
             layers="gpt_neox.layers",
             final_norm="gpt_neox.final_layer_norm",
-            unembed="lm_head",  # transformers >= 5 (was `embed_out` in 4.x)
+            unembed="lm_head",  # transformers >= 5 (`embed_out` in 4.x; `module()` asks the model)
             attn="attention",
             attn_out="attention.dense",
             mlp="mlp",

@@ -15,6 +15,7 @@ Field mappings and quirks: ``docs/data.md``.
 from .api import dump_requests, load_dataset, load_requests, parse_records, read_records
 from .detect import FORMATS, FormatInfo, classify_record, detect_format
 from .errors import DataFormatError, RecordProblem, UnsupportedForEditingError
+from .select import distinct_subjects, subject_conflicts, subject_key
 from .records import LoadedDataset, MQuAKECase, MQuAKEHop, SentimentTopic, sentiment_requests
 
 __all__ = [
@@ -29,10 +30,13 @@ __all__ = [
     "UnsupportedForEditingError",
     "classify_record",
     "detect_format",
+    "distinct_subjects",
     "dump_requests",
     "load_dataset",
     "load_requests",
     "parse_records",
     "read_records",
     "sentiment_requests",
+    "subject_conflicts",
+    "subject_key",
 ]

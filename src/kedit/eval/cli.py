@@ -40,6 +40,8 @@ def _summary_json(summary: dict[str, Any]) -> dict[str, Any]:
         "model": summary["model"],
         "n": summary["n_evaluated"],
         "n_errors": summary["n_errors"],
+        "subject_conflicts": summary.get("subject_conflicts"),
+        "locality_probes_excluded": summary.get("locality_probes_excluded"),
         "metrics": {k: metrics[k] for k in (*_ASPECTS, *[m for m in metrics if m not in _ASPECTS])},
         "seconds": summary["seconds"],
     }
@@ -58,6 +60,8 @@ def register(app: typer.Typer) -> None:
                                      help="single/v1 | batch/v1 | sequential-final/v1 | sequential-immediate/v1."),
         batch_size: int = typer.Option(1, "--batch-size", "-k", help="Edits per compute call (batch/sequential)."),
         limit: int | None = typer.Option(None, "--limit", help="Evaluate at most N records."),
+        distinct: bool = typer.Option(False, "--distinct-subjects",
+                                      help="Keep only the first request of each subject (conflict-free batches)."),
         out_dir: Path = typer.Option(..., "--out", "-o", help="Result directory (a rerun resumes it)."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
         fmt: str | None = typer.Option(None, "--format", help="Force the dataset format of FILE."),
@@ -93,7 +97,7 @@ def register(app: typer.Typer) -> None:
             _fail(str(e))
             return
         try:
-            reqs = resolve_requests(data, limit, fmt)
+            reqs = resolve_requests(data, limit, fmt, distinct=distinct)
             if limit is not None:
                 reqs = reqs[:limit]
             texts = _ppl_texts(model, ppl_file, ppl_n)

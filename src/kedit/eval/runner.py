@@ -42,6 +42,7 @@ from typing import Any
 from torch import nn
 
 from kedit.core.context import EditContext
+from kedit.data.select import mentions_any, subject_conflicts, subject_key
 from kedit.eval.metrics import HEADLINES, Observation, metric_definitions, perplexity, record_metrics
 from kedit.eval.protocols import Protocol, Step, get_protocol
 from kedit.eval.scoring import ScoringConfig, observe, text_nll
@@ -63,6 +64,9 @@ log = logging.getLogger(__name__)
 
 #: version of the on-disk result format (manifest/records/summary)
 EVAL_FORMAT_VERSION = 1
+#: how neighbourhood probes are chosen for locality (2: probes naming a subject edited in the evaluated model state
+#: are excluded and counted in each record's ``locality_excluded``; 1, before: every probe counted)
+LOCALITY_RULE = 2
 
 Progress = Callable[[str, int, int], None]
 
@@ -238,6 +242,7 @@ def summarize(
         "n": manifest["n"],
         "n_evaluated": len(records),
         "n_errors": len(records) - len(ok),
+        "locality_probes_excluded": sum(int(r.get("locality_excluded", 0)) for r in ok),
         "errors": [{"index": r["index"], "error": r["error"]} for r in records if r.get("error")][:50],
         "batch_size": cfg.get("batch_size"),
         "headline": cfg["headline"],
@@ -315,6 +320,8 @@ def run_eval(
         "n": len(reqs),
         "eval_config": {k: v for k, v in eval_cfg.items() if k not in ("eval_batch_size", "eval_chunk")},
         "ppl_texts_hash": ppl_hash,
+        "locality_rule": {"version": LOCALITY_RULE, "rule": "neighbourhood probes that name a subject edited in "
+                          "the evaluated model state are excluded (counted per record in locality_excluded)"},
     }
     manifest = {
         **identity,
@@ -359,6 +366,12 @@ def run_eval(
 
     # -- the protocol ------------------------------------------------------------------------------------------
     steps = protocol.plan(len(reqs), config.batch_size)
+    # requests sharing a subject inside one compute call fight over one key (see kedit.data.select)
+    conflicts = sum(subject_conflicts([reqs[i] for i in s.edit]) for s in steps)
+    if conflicts:
+        log.warning("%d request(s) share a subject with another request of the same edit batch; batched "
+                    "locate-then-edit methods cannot satisfy both (use distinct_subjects / --distinct-subjects)",
+                    conflicts)
     pending = [s for s in steps if any(i not in done for i in s.evaluate)]
     last_needed = max((s.index for s in pending), default=-1)
     base_ctx = ctx or EditContext()
@@ -401,7 +414,7 @@ def run_eval(
                 for b in range(0, len(todo), chunk):
                     idx = todo[b : b + chunk]
                     rows = _evaluate(model, tok, reqs, idx, step, n_applied, scoring, pre_obs, pre_metrics, ppl,
-                                     config, failed)
+                                     config, failed, edited_subjects(applied))
                     if out is not None:
                         _append_jsonl(out / "records.jsonl", rows)
                     for row in rows:
@@ -424,6 +437,7 @@ def run_eval(
     summary = summarize(records, manifest, seconds=seconds)
     summary["pre_perplexity"] = pre_ppl
     summary["setup_seconds"] = round(t_session - t_start, 3)
+    summary["subject_conflicts"] = conflicts
     if out is not None:
         manifest["state"] = {"seconds": seconds, "complete": True}
         _write_json(out / "manifest.json", manifest)
@@ -451,6 +465,7 @@ def _evaluate(
     ppl: float | None,
     config: EvalConfig,
     failed: Mapping[int, str],
+    edited: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     rows = [{"index": i, "case_id": reqs[i].case_id, "step": step.index, "n_edits": n_applied, "error": failed[i],
              "metrics": {}, "pre_metrics": pre_metrics[i]} for i in idx if i in failed]
@@ -459,11 +474,41 @@ def _evaluate(
     obs = observe(model, tok, [reqs[i] for i in idx], scoring, pre=[pre_obs[i] for i in idx],
                   perplexity=ppl) if idx else []
     for b, i, o in zip(base, idx, obs):
-        row = {**b, "error": None, "metrics": record_metrics(o, pre_obs[i]), "pre_metrics": pre_metrics[i]}
+        post_m, pre_m, excluded = without_edited_neighbours(o, pre_obs[i], edited)
+        row = {**b, "error": None, "metrics": record_metrics(post_m, pre_m), "pre_metrics": pre_metrics[i],
+               "locality_excluded": excluded}
         if config.keep_observations:
             row["observation"] = o.to_dict()
         rows.append(row)
     return rows
+
+
+def edited_subjects(applied: Sequence[Any]) -> frozenset[str]:
+    """Subjects (:func:`~kedit.data.select.subject_key` form) of every edit applied in the current model state."""
+    return frozenset(subject_key(r.subject) for res in applied for r in res.requests)
+
+
+def without_edited_neighbours(
+    post: Observation, pre: Observation, edited: frozenset[str]
+) -> tuple[Observation, Observation, int]:
+    """``post`` and ``pre`` without the neighbourhood probes that name a subject edited in the model state under
+    evaluation (locality rule 2), and how many were dropped.
+
+    A neighbourhood probe is meant to ask an *unrelated* fact. In a batch or a sequence of edits, a probe about
+    another edited subject -- often the very relation being edited -- is expected to change, and counting it as
+    a locality failure punishes the edit for succeeding. On the testbed (316 subjects) a batch of 200 distinct
+    subjects makes most neighbourhood probes such probes, so this decides what locality means at scale.
+    """
+    probes = post.group("neighborhood")
+    keep = [j for j, p in enumerate(probes) if not mentions_any(p.prompt, edited)]
+    if len(keep) == len(probes):
+        return post, pre, 0
+
+    def pick(o: Observation) -> Observation:
+        group = o.group("neighborhood")
+        return dataclasses.replace(o, groups={**o.groups, "neighborhood": tuple(group[j] for j in keep)})
+
+    return pick(post), pick(pre), len(probes) - len(keep)
 
 
 def _pre_edit(

@@ -1,0 +1,48 @@
+"""Conflict-free request selection (kedit.data.select)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kedit.data import distinct_subjects, subject_conflicts
+from kedit.requests import EditRequest
+
+
+def _req(subject: str, target: str, case: str) -> EditRequest:
+    return EditRequest(prompt="{} was born in", subject=subject, target_new=target, case_id=case)
+
+
+REQS = [
+    _req("Varnel Okasti", "Tolmarin", "0"),
+    _req("Brenram Cakam", "Doro", "1"),
+    _req("varnel  OKASTI", "Krukisa", "2"),  # the same subject, spelled differently
+    _req("Lone Zeneko", "Rere", "3"),
+    _req("Brenram Cakam", "Serpunve", "4"),
+]
+
+
+def test_distinct_subjects_keeps_first_of_each_in_order():
+    kept = distinct_subjects(REQS)
+    assert [r.case_id for r in kept] == ["0", "1", "3"]
+    assert subject_conflicts(kept) == 0
+    assert subject_conflicts(REQS) == 2
+
+
+def test_distinct_subjects_limit_counts_kept_requests_and_refuses_too_few():
+    assert [r.case_id for r in distinct_subjects(REQS, limit=2)] == ["0", "1"]
+    with pytest.raises(ValueError, match="only 3 distinct subjects"):
+        distinct_subjects(REQS, limit=4)
+
+
+def test_testbed_spec_with_distinct_subjects():
+    import typer
+
+    from kedit.cli import resolve_requests
+
+    plain = resolve_requests("testbed:0-200")
+    assert subject_conflicts(plain) > 0  # the testbed lists several relations per subject
+    kept = resolve_requests("testbed:0-200", limit=50, distinct=True)
+    assert len(kept) == 50 and subject_conflicts(kept) == 0
+    assert [r.case_id for r in kept] == [r.case_id for r in distinct_subjects(plain)[:50]]
+    with pytest.raises(typer.Exit):
+        resolve_requests("testbed:0-10", limit=50, distinct=True)
