@@ -15,8 +15,8 @@ Field mappings and quirks: ``docs/data.md``.
 from .api import dump_requests, load_dataset, load_requests, parse_records, read_records
 from .detect import FORMATS, FormatInfo, classify_record, detect_format
 from .errors import DataFormatError, RecordProblem, UnsupportedForEditingError
-from .select import distinct_subjects, subject_conflicts, subject_key
 from .records import LoadedDataset, MQuAKECase, MQuAKEHop, SentimentTopic, sentiment_requests
+from .select import distinct_subjects, subject_conflicts, subject_key
 
 __all__ = [
     "FORMATS",
