@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="use at most N requests (after --distinct-subjects)")
     ap.add_argument("--distinct-subjects", action="store_true",
                     help="keep the first request of each subject (conflict-free batches, MEMIT's mass-editing setup)")
+    ap.add_argument("--distinct-per-batch", action="store_true",
+                    help="reorder (keeping every request) so each batch of k has distinct subjects where possible")
     ap.add_argument("--out", default="results/efficacy")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--fluency-tokens", type=int, default=0, help="0 (default) skips fluency generation")
@@ -60,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     requests = resolve_requests(args.data, args.limit, distinct=args.distinct_subjects)
+    if args.distinct_per_batch:
+        from kedit.data import distinct_per_batch
+
+        requests = distinct_per_batch(requests, args.batch_size)
     # runs on other request sets go to their own directories (the default set keeps the plain name)
-    tag = "" if args.data == "testbed:100-150" and not args.distinct_subjects and args.limit is None else (
+    tag = "" if (args.data == "testbed:100-150" and not args.distinct_subjects and not args.distinct_per_batch
+                 and args.limit is None) else (
         "-" + Path(args.data).name.replace(":", "_") + ("-distinct" if args.distinct_subjects else "")
+        + ("-perbatch" if args.distinct_per_batch else "")
         + (f"-n{args.limit}" if args.limit is not None else ""))
     cells = []
     for model_name in args.models:

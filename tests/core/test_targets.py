@@ -57,3 +57,19 @@ def test_batched_equals_per_request(arch, sites, adaptive, tok):
         clamped |= bool(torch.isclose(norms, limit, rtol=1e-4).any())
         assert (norms > 0).all()
     assert clamped, "the clamp should be active for at least one request in this setting"
+
+
+def test_length_buckets_cover_rows_once_and_bound_padding():
+    import random
+
+    from kedit.core.targets import _length_buckets, _Row
+
+    rng = random.Random(0)
+    rows = [_Row(req=i // 7, ids=[1] * rng.randint(4, 40), subj=0, kind="rewrite") for i in range(300)]
+    chunks = _length_buckets(rows, max_rows=64)
+    assert sorted(id(r) for c in chunks for r in c) == sorted(id(r) for r in rows)
+    for c in chunks:
+        assert 1 <= len(c) <= 64
+        longest = max(len(r.ids) for r in c)
+        real = sum(len(r.ids) for r in c)
+        assert len(c) == 1 or longest * len(c) <= 1.15 * real + 1e-9

@@ -46,3 +46,20 @@ def test_testbed_spec_with_distinct_subjects():
     assert [r.case_id for r in kept] == [r.case_id for r in distinct_subjects(plain)[:50]]
     with pytest.raises(typer.Exit):
         resolve_requests("testbed:0-10", limit=50, distinct=True)
+
+
+def test_distinct_per_batch_keeps_every_request_and_chunks_of_k():
+    from kedit.data import distinct_per_batch
+
+    reqs = [_req(s, "x", str(i)) for i, s in enumerate("A A A B B C D E".split())]
+    out = distinct_per_batch(reqs, 3)
+    assert sorted(r.case_id for r in out) == sorted(r.case_id for r in reqs)  # nothing lost
+    chunks = [out[i : i + 3] for i in range(0, len(out), 3)]
+    assert [[r.subject for r in c] for c in chunks] == [["A", "B", "C"], ["A", "B", "D"], ["A", "E"]]
+    assert all(subject_conflicts(c) == 0 for c in chunks)
+    # too many requests of one subject: the chunk is filled (length k kept) and the conflict is visible
+    crowded = distinct_per_batch([_req(s, "x", str(i)) for i, s in enumerate("A A A B".split())], 2)
+    assert [r.subject for r in crowded] == ["A", "B", "A", "A"]
+    assert subject_conflicts(crowded[2:4]) == 1
+    with pytest.raises(ValueError):
+        distinct_per_batch(reqs, 0)

@@ -59,7 +59,8 @@ class TargetConfig:
     #: request stops when KL ≤ ``adaptive_kl_stop``
     adaptive_nll: bool = False
     adaptive_kl_stop: float = 0.01
-    #: rows per forward/backward chunk (memory bound; results do not depend on it)
+    #: rows per forward/backward chunk (memory bound; results do not depend on it); rows are also bucketed by
+    #: length so that padding stays under 15 % of a chunk's tokens
     max_rows: int = 256
 
 
@@ -173,8 +174,7 @@ def optimize_targets(
             kl = torch.zeros(n, device=device)
             argmax_ok = torch.ones(n, dtype=torch.bool, device=device)
             grads = {s: torch.zeros_like(delta[s]) for s in sites}
-            for c in range(0, len(active_rows), config.max_rows):
-                chunk = active_rows[c : c + config.max_rows]
+            for chunk in _length_buckets(active_rows, config.max_rows):
                 nll_c, kl_c, ok_c = _chunk_losses(
                     model, chunk, delta, paths, kl_init, pid, device, n, n_rewrite
                 )
@@ -233,6 +233,27 @@ def optimize_targets(
         steps=steps,
         history=history,
     )
+
+
+def _length_buckets(rows: list[_Row], max_rows: int, max_padding: float = 0.15) -> list[list[_Row]]:
+    """``rows`` cut into forward chunks of similar length: sorted by length, a chunk closes when it holds
+    ``max_rows`` rows or when adding the next (longer) row would make padding exceed ``max_padding`` of its
+    tokens. On a compute-bound device every padded token costs as much as a real one (one padded batch of mixed
+    lengths made batched optimisation 0.7× the speed of one request at a time on CPU); the result does not
+    depend on the chunking (per-request losses are summed)."""
+    chunks: list[list[_Row]] = []
+    cur: list[_Row] = []
+    real = 0
+    for r in sorted(rows, key=lambda r: len(r.ids)):
+        n = len(r.ids)
+        if cur and (len(cur) >= max_rows or (len(cur) + 1) * n > (1 + max_padding) * (real + n)):
+            chunks.append(cur)
+            cur, real = [], 0
+        cur.append(r)
+        real += n
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def _chunk_losses(

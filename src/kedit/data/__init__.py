@@ -16,7 +16,7 @@ from .api import dump_requests, load_dataset, load_requests, parse_records, read
 from .detect import FORMATS, FormatInfo, classify_record, detect_format
 from .errors import DataFormatError, RecordProblem, UnsupportedForEditingError
 from .records import LoadedDataset, MQuAKECase, MQuAKEHop, SentimentTopic, sentiment_requests
-from .select import distinct_subjects, subject_conflicts, subject_key
+from .select import distinct_per_batch, distinct_subjects, subject_conflicts, subject_key
 
 __all__ = [
     "FORMATS",
@@ -30,6 +30,7 @@ __all__ = [
     "UnsupportedForEditingError",
     "classify_record",
     "detect_format",
+    "distinct_per_batch",
     "distinct_subjects",
     "dump_requests",
     "load_dataset",

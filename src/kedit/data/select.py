@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from kedit.requests import EditRequest
 
-__all__ = ["distinct_subjects", "mentions_any", "subject_conflicts", "subject_key"]
+__all__ = ["distinct_per_batch", "distinct_subjects", "mentions_any", "subject_conflicts", "subject_key"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,39 @@ def distinct_subjects(requests: Sequence[EditRequest], limit: int | None = None)
     dropped = len(requests) - len(out) if limit is None else None
     if dropped:
         log.info("distinct subjects: kept %d of %d requests (%d shared a subject)", len(out), len(requests), dropped)
+    return out
+
+
+def distinct_per_batch(requests: Sequence[EditRequest], k: int) -> list[EditRequest]:
+    """All of ``requests``, reordered so that each consecutive chunk of ``k`` has distinct subjects where possible.
+
+    For sequential editing in batches of ``k`` (every request is kept, unlike :func:`distinct_subjects`): each
+    chunk takes, in input order, the earliest remaining requests whose subject is not yet in the chunk. A chunk can
+    only repeat a subject when every remaining request's subject is already in it (a subject with more requests
+    than there are chunks); :func:`subject_conflicts` per chunk says how many such conflicts remain.
+    """
+    if k < 1:
+        raise ValueError("batch size k must be ≥ 1")
+    remaining = list(requests)
+    out: list[EditRequest] = []
+    while remaining:
+        chunk_keys: set[str] = set()
+        rest: list[EditRequest] = []
+        taken = 0
+        for req in remaining:
+            key = subject_key(req.subject)
+            if taken < k and key not in chunk_keys:
+                chunk_keys.add(key)
+                out.append(req)
+                taken += 1
+            else:
+                rest.append(req)
+        # chunks stay exactly k long (the protocol cuts the list every k): a chunk short of distinct subjects is
+        # filled with the earliest conflicting requests
+        while taken < k and rest:
+            out.append(rest.pop(0))
+            taken += 1
+        remaining = rest
     return out
 
 

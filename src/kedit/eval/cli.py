@@ -62,6 +62,8 @@ def register(app: typer.Typer) -> None:
         limit: int | None = typer.Option(None, "--limit", help="Evaluate at most N records."),
         distinct: bool = typer.Option(False, "--distinct-subjects",
                                       help="Keep only the first request of each subject (conflict-free batches)."),
+        per_batch: bool = typer.Option(False, "--distinct-per-batch",
+                                       help="Reorder (keep all) so each batch of k has distinct subjects where possible."),
         out_dir: Path = typer.Option(..., "--out", "-o", help="Result directory (a rerun resumes it)."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
         fmt: str | None = typer.Option(None, "--format", help="Force the dataset format of FILE."),
@@ -100,6 +102,10 @@ def register(app: typer.Typer) -> None:
             reqs = resolve_requests(data, limit, fmt, distinct=distinct)
             if limit is not None:
                 reqs = reqs[:limit]
+            if per_batch:
+                from kedit.data import distinct_per_batch
+
+                reqs = distinct_per_batch(reqs, batch_size)
             texts = _ppl_texts(model, ppl_file, ppl_n)
             m, tok = _load(model)
             with progress_bars() as bar:
