@@ -374,6 +374,14 @@ def test_report_markdown_and_pngs(model, tok, tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "eval-test-boost · single/v1" in md and "sequential-immediate/v1" in md
     assert "reliability/exact_match" in md and "## Definitions" in md
+    # the pre-edit baseline table holds the unedited model's values of the same records
+    from kedit.eval.report import load_runs, pre_rows
+
+    runs = load_runs([a, b])
+    rows = pre_rows(runs, ["reliability/token_acc", "locality/unchanged"])
+    assert "Before the edit" in md
+    assert rows[0][1] == f"{runs[0].summary['metrics']['reliability/token_acc']['pre_mean']:.3f}"
+    assert rows[0][2] == "–"  # defined only relative to the pre-edit model
     pngs = sorted(os.path.basename(p) for p in rep["plots"])
     assert pngs == ["metrics.png", "sequential.png"]
     for p in rep["plots"]:

@@ -22,6 +22,7 @@ __all__ = [
     "load_runs",
     "plot_metric_bars",
     "plot_sequential",
+    "pre_rows",
     "render_markdown",
     "run_label",
     "table_rows",
@@ -69,6 +70,23 @@ def table_rows(runs: Sequence[EvalRun], columns: Sequence[str]) -> list[list[str
     return [[run_label(r)] + [format_cell(r.summary["metrics"].get(c)) for c in columns] for r in runs]
 
 
+def pre_rows(runs: Sequence[EvalRun], columns: Sequence[str]) -> list[list[str]]:
+    """Pre-edit means of ``columns`` per run (``–`` where a metric has none); empty if no run has any."""
+    rows, any_value = [], False
+    for r in runs:
+        s = r.summary
+        cells = []
+        for c in columns:
+            if c == "capability/perplexity":
+                v = s.get("pre_perplexity")
+            else:
+                v = (s["metrics"].get(c) or {}).get("pre_mean")
+            any_value |= v is not None
+            cells.append("–" if v is None else f"{v:.3f}")
+        rows.append([run_label(r)] + cells)
+    return rows if any_value else []
+
+
 def render_markdown(runs: Sequence[EvalRun], columns: Sequence[str] | None = None, *, plots: Sequence[str] = ()) -> str:
     cols = list(columns or default_columns(runs))
     lines = ["# kedit evaluation report", ""]
@@ -77,6 +95,15 @@ def render_markdown(runs: Sequence[EvalRun], columns: Sequence[str] | None = Non
     for row in table_rows(runs, cols):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     lines += ["", "Cells: mean over records [95 % percentile-bootstrap CI over records].", ""]
+    pre = pre_rows(runs, cols)
+    if pre:
+        lines += ["Before the edit (the same records on the unedited model; metrics defined only relative to the",
+                  "pre-edit model, such as `locality/unchanged`, have no pre-edit value):", ""]
+        lines.append("| run | " + " | ".join(cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for row in pre:
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+        lines.append("")
     lines.append("## Definitions")
     lines.append("")
     defs = runs[0].manifest.get("metric_definitions", {}) if runs else {}
@@ -88,7 +115,11 @@ def render_markdown(runs: Sequence[EvalRun], columns: Sequence[str] | None = Non
     for r in runs:
         s = r.summary
         lines.append(f"- `{r.out_dir}`: {run_label(r)}; protocol {s['protocol']} ({s['protocol_info']['description']});"
-                     f" {s.get('n_errors', 0)} errors; {s.get('seconds')} s")
+                     f" {s.get('n_errors', 0)} errors; {s.get('seconds')} s"
+                     + (f"; {s['subject_conflicts']} subject conflicts in its edit batches"
+                        if s.get("subject_conflicts") else "")
+                     + (f"; {s['locality_probes_excluded']} neighbourhood probes naming an edited subject excluded"
+                        " (locality rule 2)" if s.get("locality_probes_excluded") else ""))
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
