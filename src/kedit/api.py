@@ -66,9 +66,20 @@ def answers_match(generated: str, target: str) -> bool:
 
 @torch.no_grad()
 def greedy_answers(
-    model: nn.Module, tok, prompts: Sequence[str], *, max_new_tokens: int = 8, batch_size: int = 64
+    model: nn.Module,
+    tok,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+    full_length: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens."""
+    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens.
+
+    With ``full_length`` every continuation has exactly ``max_new_tokens`` tokens (end-of-text is suppressed),
+    as fluency measurements need: a model that ends its sentence after the answer would otherwise be scored on
+    one word.
+    """
     device = device_of(model)
     out: list[str] = []
     pid = pad_id(tok)
@@ -86,6 +97,7 @@ def greedy_answers(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if full_length else None,
             do_sample=False,
             pad_token_id=pid,
         )

@@ -479,3 +479,18 @@ def test_mentions_any_matches_whole_words_only():
     assert mentions_any("Doro is a city in", keys)
     assert not mentions_any("Dorothea is a city in", keys)
     assert not mentions_any("anything", frozenset())
+
+
+def test_report_marks_cells_measured_under_another_metric_version(model, tok, tmp_path):
+    import json as _json
+
+    from kedit.eval.report import load_runs, table_rows
+
+    a = _run(model, tok, tmp_path, "single/v1", n=2).out_dir
+    b = _run(model, tok, tmp_path, "batch/v1", k=2, n=2).out_dir
+    man = _json.loads((b / "manifest.json").read_text())
+    man["metric_definitions"]["reliability/token_acc"]["id"] = "reliability/token_acc@v0"
+    (b / "manifest.json").write_text(_json.dumps(man))
+    rows = table_rows(load_runs([a, b]), ["reliability/token_acc", "generalization/token_acc"])
+    assert "(as" not in rows[0][1] and "(as" not in rows[1][2]
+    assert rows[1][1].endswith("(as reliability/token_acc@v0)")

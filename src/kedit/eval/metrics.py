@@ -311,6 +311,11 @@ class MetricDef:
 METRICS: dict[str, MetricDef] = {}
 
 
+#: which neighbourhood probes every locality metric sees (the runner selects them; see kedit.eval.runner)
+LOCALITY_PROBES = (" Neighbourhood probes that name a subject edited in the evaluated model state are excluded "
+                   "(locality rule 2).")
+
+
 def register_metric(name: str, *, definition: str, **kw: Any) -> Callable[[RecordFn], RecordFn]:
     """Decorator registering ``fn(post, pre) -> float | None`` under ``name`` (``aspect/kind``)."""
 
@@ -318,7 +323,8 @@ def register_metric(name: str, *, definition: str, **kw: Any) -> Callable[[Recor
         if name in METRICS:
             raise ValueError(f"metric {name!r} is already registered")
         aspect = name.split("/", 1)[0]
-        METRICS[name] = MetricDef(name=name, aspect=aspect, definition=" ".join(definition.split()), fn=fn, **kw)
+        text = definition + (LOCALITY_PROBES if aspect == "locality" else "")
+        METRICS[name] = MetricDef(name=name, aspect=aspect, definition=" ".join(text.split()), fn=fn, **kw)
         return fn
 
     return deco
@@ -384,7 +390,8 @@ _CFM = ("CounterFact {score} magnitude: per probe P({a}) - P({b}) with P = exp(-
 
 
 def _register_edit_aspect(aspect: str, group: str, what: str, easyedit: str | None, cf_score: str | None) -> None:
-    register_metric(f"{aspect}/exact_match", definition=_EM.format(answers="target_new and its aliases", what=what))(
+    register_metric(f"{aspect}/exact_match", definition=_EM.format(answers="target_new and its aliases", what=what),
+                    version=2)(
         lambda post, pre, g=group: _probe_mean(post.group(g), _em)
     )
     register_metric(f"{aspect}/token_acc", definition=_TF.format(what=what), partial_credit=True, easyedit=easyedit)(
@@ -408,6 +415,7 @@ _register_edit_aspect("alias", "alias", "edit prompts with each subject alias", 
 
 @register_metric(
     "portability/exact_match",
+    version=2,
     definition=_EM.format(answers="the probe's answer and its aliases", what="portability probes that have an "
                           "answer"),
 )
@@ -436,6 +444,7 @@ def _pairs(post: Observation, pre: Observation | None, group: str) -> list[tuple
 
 @register_metric(
     "locality/unchanged",
+    version=2,
     definition="unchanged from the pre-edit model: per neighbourhood probe, 1 if the post-edit greedy continuation "
     "(same length as for exact match, whitespace-collapsed) is identical to the pre-edit one, else 0; mean over the record's "
     "neighbourhood probes, then over records.",
@@ -448,6 +457,7 @@ def _locality_unchanged(post: Observation, pre: Observation | None) -> float | N
 
 @register_metric(
     "locality/unchanged_tf",
+    version=2,
     definition="unchanged from the pre-edit model, teacher-forced WITH PARTIAL CREDIT (EasyEdit's locality): per "
     "neighbourhood probe, on prompt ⊕ answer (the probe's answer, or the pre-edit greedy continuation when it has "
     "none), the fraction of answer positions whose argmax token is the same after the edit as before; mean over "
@@ -467,6 +477,7 @@ def _locality_unchanged_tf(post: Observation, pre: Observation | None) -> float 
 
 @register_metric(
     "locality/still_correct",
+    version=2,
     definition=_EM.format(answers="the probe's known answer and its aliases", what="neighbourhood probes that have "
                           "a known answer"),
 )
@@ -476,6 +487,7 @@ def _locality_correct(post: Observation, pre: Observation | None) -> float | Non
 
 @register_metric(
     "locality/still_correct_tf",
+    version=2,
     definition=_TF.format(what="neighbourhood probes that have a known answer"),
     partial_credit=True,
 )
@@ -485,6 +497,7 @@ def _locality_correct_tf(post: Observation, pre: Observation | None) -> float | 
 
 @register_metric(
     "locality/cf_score",
+    version=2,
     definition=_CF.format(score="neighbourhood score (NS)", a="the probe's known answer",
                           b="target_new", what="neighbourhood probes that have a known answer"),
 )
@@ -494,6 +507,7 @@ def _locality_ns(post: Observation, pre: Observation | None) -> float | None:
 
 @register_metric(
     "locality/cf_magnitude",
+    version=2,
     definition=_CFM.format(score="neighbourhood score (NS)", a="the probe's known answer",
                            b="target_new", what="neighbourhood probes that have a known answer"),
 )
@@ -503,10 +517,12 @@ def _locality_nm(post: Observation, pre: Observation | None) -> float | None:
 
 @register_metric(
     "fluency/ngram_entropy",
-    definition="ROME's generation entropy: per greedy generation of fluency_tokens tokens from the record's "
-    "generation prompts (CounterFact generation_prompts, else the edit prompt), (2/3·H2 + 4/3·H3)/2 where H_n is the "
-    "entropy in bits of the word n-gram frequency distribution (words = regex \\w+|[^\\w\\s]); mean over the "
-    "record's generations, then over records. Greedy decoding (ROME samples top-k 5).",
+    definition="ROME's generation entropy: per greedy generation of exactly fluency_tokens tokens (end-of-text "
+    "suppressed until then, as ROME generates a fixed length) from the record's generation prompts (CounterFact "
+    "generation_prompts, else the edit prompt), (2/3·H2 + 4/3·H3)/2 where H_n is the entropy in bits of the word "
+    "n-gram frequency distribution (words = regex \\w+|[^\\w\\s]); mean over the record's generations, then over "
+    "records. Greedy decoding (ROME samples top-k 5).",
+    version=2,
 )
 def _fluency(post: Observation, pre: Observation | None) -> float | None:
     return _mean([ngram_entropy(t) for t in post.fluency])

@@ -20,6 +20,7 @@ __all__ = [
     "default_columns",
     "format_cell",
     "load_runs",
+    "metric_id",
     "plot_metric_bars",
     "plot_sequential",
     "pre_rows",
@@ -66,8 +67,25 @@ def format_cell(entry: dict[str, Any] | None, digits: int = 3) -> str:
     return txt
 
 
+def metric_id(run: EvalRun, name: str) -> str | None:
+    """The versioned id (``name@vN``) under which ``run`` measured metric ``name``."""
+    return (run.manifest.get("metric_definitions", {}).get(name) or {}).get("id")
+
+
 def table_rows(runs: Sequence[EvalRun], columns: Sequence[str]) -> list[list[str]]:
-    return [[run_label(r)] + [format_cell(r.summary["metrics"].get(c)) for c in columns] for r in runs]
+    """One row per run; a cell measured under another version of its metric than the first run's is marked with
+    its id, so one column never silently mixes two definitions."""
+    rows = []
+    for r in runs:
+        cells = []
+        for c in columns:
+            txt = format_cell(r.summary["metrics"].get(c))
+            mine, first = metric_id(r, c), metric_id(runs[0], c)
+            if mine != first and txt != "–":
+                txt += f" (as {mine})"
+            cells.append(txt)
+        rows.append([run_label(r)] + cells)
+    return rows
 
 
 def pre_rows(runs: Sequence[EvalRun], columns: Sequence[str]) -> list[list[str]]:

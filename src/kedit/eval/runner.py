@@ -134,8 +134,9 @@ class EvalRun:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-#: bumped when how a record is measured changes (2: continuation length extended per record to its longest answer)
-SCORING_RULE = 2
+#: bumped when how a record is measured changes (2: continuation length extended per record to its longest answer;
+#: 3: fluency generations have their full length, end-of-text suppressed)
+SCORING_RULE = 3
 
 
 def _sha(obj: Any) -> str:

@@ -203,7 +203,9 @@ def record_new_tokens(tok, by_group: dict[str, list[ProbeSpec]], minimum: int) -
     return max(minimum, longest + 2)
 
 
-def generate(model: nn.Module, tok, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int) -> list[str]:
+def generate(
+    model: nn.Module, tok, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int, full_length: bool = False
+) -> list[str]:
     """Greedy continuations (:func:`kedit.api.greedy_answers`) computed in length-sorted batches (less padding),
     returned in input order."""
     if not prompts:
@@ -211,7 +213,7 @@ def generate(model: nn.Module, tok, prompts: Sequence[str], *, max_new_tokens: i
     lengths = [len(ids) for ids in tok(list(prompts), add_special_tokens=True)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     gens = greedy_answers(model, tok, [prompts[i] for i in order], max_new_tokens=max_new_tokens,
-                          batch_size=batch_size)
+                          batch_size=batch_size, full_length=full_length)
     out = [""] * len(prompts)
     for i, g in zip(order, gens):
         out[i] = g
@@ -246,7 +248,8 @@ def observe(
 
     flu_prompts = [fluency_prompts(r, config.fluency_prompts) if config.fluency_tokens > 0 else [] for r in requests]
     flu_flat = [p for ps in flu_prompts for p in ps]
-    flu_gens = generate(model, tok, flu_flat, max_new_tokens=config.fluency_tokens, batch_size=config.batch_size)
+    flu_gens = generate(model, tok, flu_flat, max_new_tokens=config.fluency_tokens, batch_size=config.batch_size,
+                        full_length=True)
 
     # teacher-forced jobs: (key, prompt, answer)
     jobs: list[tuple[tuple[int, str, int, str], str, str]] = []
