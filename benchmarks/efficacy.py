@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", default="single/v1")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--data", default="testbed:100-150", help="testbed[:N], testbed:A-B or a dataset file")
-    ap.add_argument("--limit", type=int, default=None, help="use at most N requests (after --distinct-subjects)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="use at most N requests (after --distinct-subjects / the --distinct-per-batch order)")
     ap.add_argument("--distinct-subjects", action="store_true",
                     help="keep the first request of each subject (conflict-free batches, MEMIT's mass-editing setup)")
     ap.add_argument("--distinct-per-batch", action="store_true",
@@ -61,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    requests = resolve_requests(args.data, args.limit, distinct=args.distinct_subjects)
-    if args.distinct_per_batch:
+    if args.distinct_per_batch:  # reorder the whole set first, so --limit N is a prefix of the full sequence
         from kedit.data import distinct_per_batch
 
-        requests = distinct_per_batch(requests, args.batch_size)
+        requests = resolve_requests(args.data, None, distinct=args.distinct_subjects)
+        requests = distinct_per_batch(requests, args.batch_size)[: args.limit]
+    else:
+        requests = resolve_requests(args.data, args.limit, distinct=args.distinct_subjects)
     # runs on other request sets go to their own directories (the default set keeps the plain name)
     tag = "" if (args.data == "testbed:100-150" and not args.distinct_subjects and not args.distinct_per_batch
                  and args.limit is None) else (

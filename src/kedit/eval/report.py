@@ -198,7 +198,7 @@ def plot_sequential(runs: Sequence[EvalRun], columns: Sequence[str], path: str |
     seq = [r for r in runs if r.summary["protocol"].startswith("sequential")]
     if not seq:
         return None
-    cols = [c for c in columns if c != "capability/perplexity"] or list(columns)
+    cols = list(columns)  # perplexity included, on a log axis: it shows a collapsing model best
     fig = _figure(len(cols))
     axes = fig.subplots(1, len(cols), squeeze=False)[0]
     groups: dict[str, list[EvalRun]] = {}
@@ -211,6 +211,8 @@ def plot_sequential(runs: Sequence[EvalRun], columns: Sequence[str], path: str |
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{i}", label=label)
         ax.set_xlabel("number of sequential edits")
         ax.set_title(col, fontsize=9)
+        if col == "capability/perplexity" and ax.has_data():
+            ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     p = Path(path)
     fig.savefig(p, dpi=110)
