@@ -96,7 +96,9 @@ def subject_conflicts(requests: Sequence[EditRequest]) -> int:
 
 def mentions_any(text: str, subject_keys: set[str] | frozenset[str]) -> bool:
     """Whether ``text`` names one of ``subject_keys`` (:func:`subject_key` forms) as a whole word sequence."""
-    if not subject_keys:
+    keys = sorted((k for k in subject_keys if k), key=len, reverse=True)
+    if not keys:
         return False
-    norm = subject_key(text)
-    return any(re.search(rf"(?<!\w){re.escape(k)}(?!\w)", norm) for k in subject_keys if k)
+    # one alternation search per text (not one per subject); `re` keeps the compiled pattern for repeated sets
+    pattern = r"(?<!\w)(?:" + "|".join(map(re.escape, keys)) + r")(?!\w)"
+    return re.search(pattern, subject_key(text)) is not None
