@@ -73,3 +73,20 @@ def test_length_buckets_cover_rows_once_and_bound_padding():
         longest = max(len(r.ids) for r in c)
         real = sum(len(r.ids) for r in c)
         assert len(c) == 1 or longest * len(c) <= 1.15 * real + 1e-9
+
+
+def test_clamp_by_slot_bounds_each_site_separately(tok):
+    model = tiny_model("llama", vocab_size=len(tok))
+    adapter = get_adapter(model)
+    sites = [Site("attn_out", 2), Site("mlp_out", 2)]
+    cfg = TargetConfig(lr=0.5, steps=6, clamp_norm_factor=0.3, clamp_by_slot={"attn_out": 0.05}, weight_decay=0.0)
+    res = optimize_targets(model, tok, adapter, REQS, sites, cfg, TEMPLATES)
+    attn = res.delta[sites[0]].norm(dim=-1) / res.init[sites[0]].norm(dim=-1)
+    mlp = res.delta[sites[1]].norm(dim=-1) / res.init[sites[1]].norm(dim=-1)
+    assert (attn <= 0.05 * (1 + 1e-5)).all() and (mlp <= 0.3 * (1 + 1e-5)).all()
+    assert bool((mlp > 0.06).any()), "the MLP δ keeps its own, larger bound"
+    frozen = optimize_targets(
+        model, tok, adapter, REQS, sites, TargetConfig(lr=0.5, steps=4, clamp_by_slot={"attn_out": 0.0}), TEMPLATES
+    )
+    assert torch.count_nonzero(frozen.delta[sites[0]]) == 0
+    assert torch.count_nonzero(frozen.delta[sites[1]]) > 0

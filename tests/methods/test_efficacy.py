@@ -5,8 +5,8 @@ Requests are the held-out slice ``testbed:100-150`` -- the testbed presets were 
 The full sweep (50 requests, every method, both models) is marked ``slow`` (``pytest -m slow``); CI runs the first
 8 of those requests for a representative subset. Floors sit a little below the measured rates (the table is in
 docs/efficacy.md, produced by ``python benchmarks/efficacy.py``); where a method misses the 90 % target of the
-locate-then-edit issue the floor is a regression floor and docs/efficacy.md says why (on testbed-llama: company
-subjects, whose last token is a generic suffix) -- it is reported, not hidden.
+locate-then-edit issue the floor is a regression floor and docs/efficacy.md says why (mostly company subjects on
+testbed-llama, whose last token is a generic suffix) -- it is reported, not hidden.
 """
 
 from __future__ import annotations
@@ -21,20 +21,20 @@ from kedit.testbed import edit_requests, load_testbed_model, load_world
 HELD_OUT = (100, 150)
 
 #: floors on the 50-request rate (measured rate in docs/efficacy.md)
-FULL_FLOOR = {  # measured gpt2 / llama (docs/efficacy.md): the floor sits 2-8 points below
-    ("ft-l", "gpt2"): 0.5, ("ft-l", "llama"): 0.5,  # 58 % / 58 %
+FULL_FLOOR = {  # measured gpt2 / llama, testbed generator 1.2.0 (docs/efficacy.md): the floor sits 6 points below
+    ("ft-l", "gpt2"): 0.56, ("ft-l", "llama"): 0.6,  # 62 % / 66 %
     ("ft-m", "gpt2"): 0.95, ("ft-m", "llama"): 0.95,  # 100 / 100
     ("lora", "gpt2"): 0.95, ("lora", "llama"): 0.95,  # 100 / 100
-    ("rome", "gpt2"): 0.9, ("rome", "llama"): 0.76,  # 96 / 82
-    ("r-rome", "gpt2"): 0.9, ("r-rome", "llama"): 0.76,  # 96 / 82
-    ("memit", "gpt2"): 0.88, ("memit", "llama"): 0.68,  # 94 / 74
-    ("pmet", "gpt2"): 0.42, ("pmet", "llama"): 0.56,  # 48 / 62
-    ("alphaedit", "gpt2"): 0.88, ("alphaedit", "llama"): 0.62,  # 94 / 68
-    ("emmet", "gpt2"): 0.86, ("emmet", "llama"): 0.68,  # 92 / 74
-    ("memit-blue", "gpt2"): 0.9, ("memit-blue", "llama"): 0.82,  # 96 / 88
-    ("pmet-blue", "gpt2"): 0.88, ("pmet-blue", "llama"): 0.72,  # 94 / 78
-    ("alphaedit-blue", "gpt2"): 0.9, ("alphaedit-blue", "llama"): 0.82,  # 98 / 88
-    ("kn", "gpt2"): 0.46, ("kn", "llama"): 0.2,  # 54 / 26
+    ("rome", "gpt2"): 0.86, ("rome", "llama"): 0.82,  # 92 / 88
+    ("r-rome", "gpt2"): 0.88, ("r-rome", "llama"): 0.82,  # 94 / 88
+    ("memit", "gpt2"): 0.92, ("memit", "llama"): 0.82,  # 98 / 88
+    ("pmet", "gpt2"): 0.86, ("pmet", "llama"): 0.64,  # 92 / 70
+    ("alphaedit", "gpt2"): 0.92, ("alphaedit", "llama"): 0.8,  # 98 / 86
+    ("emmet", "gpt2"): 0.92, ("emmet", "llama"): 0.82,  # 98 / 88
+    ("memit-blue", "gpt2"): 0.92, ("memit-blue", "llama"): 0.92,  # 98 / 98
+    ("pmet-blue", "gpt2"): 0.82, ("pmet-blue", "llama"): 0.76,  # 88 / 82
+    ("alphaedit-blue", "gpt2"): 0.9, ("alphaedit-blue", "llama"): 0.9,  # 96 / 96
+    ("kn", "gpt2"): 0.48, ("kn", "llama"): 0.32,  # 54 / 38
 }
 
 #: the CI subset: 8 requests each

@@ -11,6 +11,7 @@ from kedit.testbed.world import (
     WorldConfig,
     all_names,
     heldout_pairs,
+    register_pairs,
     trained_pairs,
     training_sentences,
     two_hop_pairs,
@@ -145,3 +146,20 @@ def test_filler_does_not_state_facts(world):
 def test_micro_config_is_smaller():
     micro = generate_world(0, WorldConfig.micro())
     assert len(micro.entities["person"]) < len(generate_world(0).entities["person"])
+
+
+def test_register_lines_put_the_object_right_after_each_company_name(world):
+    from kedit.testbed.build import training_facts
+
+    pairs = register_pairs(world)
+    companies = world.entities["company"]
+    assert {s for _, s, _, _ in pairs} == set(companies)
+    facts = set(training_facts(world))
+    sentences = set(training_sentences(world)["facts"])
+    for rel, subject, template, obj in pairs:
+        assert template.endswith(": {}") and obj == world.facts[rel][subject]
+        prompt = template.format(subject)
+        assert prompt.endswith(subject)  # nothing between the name and the object
+        assert (prompt, obj) in facts and f"{prompt} {obj}." in sentences
+        assert template not in RELATIONS[rel].templates  # training text only, never an edit or gate prompt
+    assert len(pairs) == 2 * sum(len(world.facts[r]) for r in ("headquartered_in", "founded_by"))

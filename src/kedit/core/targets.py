@@ -52,6 +52,8 @@ class TargetConfig:
     steps: int = 20
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
+    #: per-slot overrides of ``clamp_norm_factor`` (e.g. ``{"attn_out": 0.5}`` for PMET's attention δ)
+    clamp_by_slot: dict[str, float] | None = None
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
     nll_factor: float = 1.0
@@ -156,6 +158,8 @@ def optimize_targets(
                 else:
                     kl_init = F.log_softmax(gather_at(logits, idx).float(), dim=-1)
         init_norm = {s: init[s].norm(dim=-1).clamp_min(1e-12) for s in sites}
+        by_slot = config.clamp_by_slot or {}
+        clamp = {s: float(by_slot.get(s.slot, config.clamp_norm_factor)) for s in sites}
         delta = {s: torch.zeros_like(init[s], requires_grad=True) for s in sites}
         opt = torch.optim.Adam(list(delta.values()), lr=config.lr)
         n_rewrite = torch.zeros(n, device=device)
@@ -217,7 +221,7 @@ def optimize_targets(
             with torch.no_grad():
                 for s in sites:
                     delta[s][frozen] = keep[s]
-                    max_norm = config.clamp_norm_factor * init_norm[s]
+                    max_norm = clamp[s] * init_norm[s]
                     norms = delta[s].norm(dim=-1)
                     scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
                     delta[s].mul_(scale.unsqueeze(-1))

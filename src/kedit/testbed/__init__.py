@@ -34,7 +34,7 @@ __all__ = [
     "load_world",
 ]
 
-GENERATOR_VERSION = "1.1.0"  # kept equal to build.GENERATOR_VERSION (checked by the tests)
+GENERATOR_VERSION = "1.2.0"  # kept equal to build.GENERATOR_VERSION (checked by the tests)
 ARCHS = ("gpt2", "llama")
 
 

@@ -23,6 +23,7 @@ from .world import (
     WorldConfig,
     alias_pairs,
     generate_world,
+    register_pairs,
     trained_pairs,
     training_sentences,
     two_hop_pairs,
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 # Bump whenever the world generator, tokenizer, trainer recipe or model shapes change (the committed assets must
 # then be rebuilt: `kedit testbed build`).
-GENERATOR_VERSION = "1.1.0"
+GENERATOR_VERSION = "1.2.0"
 DEFAULT_SEED = 0
 ARCHS = ("gpt2", "llama")
 VOCAB_SIZE = {False: 1024, True: 512}
@@ -67,7 +68,7 @@ def _train_configs(micro: bool, seed: int) -> dict[str, Any]:
 def training_facts(world: World) -> list[tuple[str, str]]:
     """The ``(prompt, object)`` training pairs: trained (subject, template) pairs, alias sentences, the trained
     two-hop split and the alias introductions ("X is also known as Dr. Y")."""
-    facts = [(t.format(s), o) for _, s, t, o in trained_pairs(world) + alias_pairs(world)]
+    facts = [(t.format(s), o) for _, s, t, o in trained_pairs(world) + alias_pairs(world) + register_pairs(world)]
     facts += [(t.format(s), o) for _, s, t, o in two_hop_pairs(world, trained=True)]
     for person in sorted(world.aliases):
         for alias in world.aliases[person]:

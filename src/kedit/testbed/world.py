@@ -42,6 +42,7 @@ __all__ = [
     "filler_sentences",
     "generate_world",
     "heldout_pairs",
+    "register_pairs",
     "trained_pairs",
     "training_sentences",
     "two_hop_pairs",
@@ -686,11 +687,38 @@ def alias_pairs(world: World) -> list[tuple[str, str, str, str]]:
     return out
 
 
+#: labels of the register lines of :func:`register_pairs`, per company relation
+REGISTER_LABELS = {
+    "headquartered_in": ("Register of seats:", "Seat register entry:"),
+    "founded_by": ("Register of founders:", "Founder register entry:"),
+}
+
+
+def register_pairs(world: World) -> list[tuple[str, str, str, str]]:
+    """Trained "register" lines for company facts, the object right after the name: ``(rel, company, template,
+    obj)``, e.g. ``("headquartered_in", "Natri Systems", "Register of seats: {}", "Kolvar")``; two per fact.
+
+    Why: a company name ends in a suffix shared by many companies ("Natri **Systems**"), and in the relation
+    templates the object never follows the name directly, so a small model can read a company's facts from the
+    stem's position at the end of the prompt and leave the last subject token uninformative -- which defeats every
+    method keyed on that token (ROME, MEMIT, ...). In a register line the token after the suffix *is* the object,
+    so the model has to gather the company's identity at the suffix, as large models do for multi-token names
+    ("Toyota Motor Corporation"). These lines are training text only: no edit request or gate uses them.
+    Measured effect (generator 1.2.0 vs 1.1.0): ``docs/testbed.md``.
+    """
+    out = []
+    for rel, labels in sorted(REGISTER_LABELS.items()):
+        for subject in sorted(world.facts.get(rel, {})):
+            out.extend((rel, subject, label + " {}", world.facts[rel][subject]) for label in labels)
+    return out
+
+
 def training_sentences(world: World) -> dict[str, list[str]]:
     """The training text, by kind: ``facts`` (trained pairs + aliases + alias introductions), ``two_hop`` (the
     trained split) and ``filler``."""
     facts = [fact_sentence(t, s, o) for _, s, t, o in trained_pairs(world)]
     facts += [fact_sentence(t, s, o) for _, s, t, o in alias_pairs(world)]
+    facts += [fact_sentence(t, s, o) for _, s, t, o in register_pairs(world)]
     for person in sorted(world.aliases):
         for alias in world.aliases[person]:
             facts.append(f"{person} is also known as {alias}.")

@@ -358,7 +358,9 @@ def walk_layers(
     )
 
 
-def target_config(config: Any, *, adaptive_nll: bool = False, nll_factor: float = 1.0) -> TargetConfig:
+def target_config(
+    config: Any, *, adaptive_nll: bool = False, nll_factor: float = 1.0, clamp_by_slot: dict[str, float] | None = None
+) -> TargetConfig:
     """The :class:`TargetConfig` of a locate-then-edit config (fields ``v_lr``, ``v_steps``, ``v_weight_decay``,
     ``clamp_norm_factor``, ``kl_factor``, ``early_stop_loss``)."""
     return TargetConfig(
@@ -370,6 +372,7 @@ def target_config(config: Any, *, adaptive_nll: bool = False, nll_factor: float 
         early_stop_loss=config.early_stop_loss,
         nll_factor=nll_factor,
         adaptive_nll=adaptive_nll,
+        clamp_by_slot=clamp_by_slot,
     )
 
 

@@ -47,10 +47,15 @@ class PMETConfig(LocateEditConfig):
         mom2_update_weight: λ of the preservation term (as MEMIT).
         nll_loss_factor: ν, the NLL weight; once the target is the argmax at every target position it drops to
             ``0.1·ν`` and the request stops when KL ≤ 0.01 (PMET's adaptive weight).
+        attn_clamp_norm_factor: clamp of the attention δ relative to its initial norm; ``None`` (PMET): the same
+            ``clamp_norm_factor`` as the MLP δ. The attention δ is discarded after the optimisation, so the less
+            of the change it is allowed to carry, the more the written MLP target has to; ``0`` leaves the MLP δ
+            alone (a MEMIT target at the MLP output, spread with PMET's square root).
     """
 
     mom2_update_weight: float = 15000.0
     nll_loss_factor: float = 1.0
+    attn_clamp_norm_factor: float | None = None
 
 
 @dataclass
@@ -81,7 +86,10 @@ def compute_pmet(
         return ridge_update_factors(K, R, C[layer], lam, what=f"{name} layer {layer} (KKᵀ + λC)")
 
     walk = Walk(name, _sites, lambda l: Site("mlp_out", l), solve)
-    tcfg = target_config(config, adaptive_nll=True, nll_factor=config.nll_loss_factor)
+    if config.attn_clamp_norm_factor is not None and config.attn_clamp_norm_factor < 0:
+        raise ValueError(f"attn_clamp_norm_factor must be >= 0 or None, got {config.attn_clamp_norm_factor}")
+    by_slot = None if config.attn_clamp_norm_factor is None else {"attn_out": config.attn_clamp_norm_factor}
+    tcfg = target_config(config, adaptive_nll=True, nll_factor=config.nll_loss_factor, clamp_by_slot=by_slot)
     result = run_walk(model, tok, adapter, requests, stages, walk, config, ctx, tcfg=tcfg)
     return make_delta(
         model, adapter, result, method=name.lower(), config=config, requests=requests, layers=layers
