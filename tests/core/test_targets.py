@@ -90,3 +90,10 @@ def test_clamp_by_slot_bounds_each_site_separately(tok):
     )
     assert torch.count_nonzero(frozen.delta[sites[0]]) == 0
     assert torch.count_nonzero(frozen.delta[sites[1]]) > 0
+
+
+@pytest.mark.parametrize("kw", [{"clamp_norm_factor": -1.0}, {"clamp_by_slot": {"attn_out": -0.5}},
+                                {"clamp_by_slot": {"mlp_out": float("nan")}}])
+def test_negative_or_nan_clamp_is_refused(kw):
+    with pytest.raises(ValueError, match="must be >= 0"):
+        TargetConfig(**kw)

@@ -5,6 +5,7 @@ import pytest
 from kedit.testbed import GENERATOR_VERSION, generate_world
 from kedit.testbed.world import (
     ENTITY_TYPES,
+    REGISTER_LABELS,
     RELATIONS,
     TWO_HOP,
     World,
@@ -162,4 +163,4 @@ def test_register_lines_put_the_object_right_after_each_company_name(world):
         assert prompt.endswith(subject)  # nothing between the name and the object
         assert (prompt, obj) in facts and f"{prompt} {obj}." in sentences
         assert template not in RELATIONS[rel].templates  # training text only, never an edit or gate prompt
-    assert len(pairs) == 2 * sum(len(world.facts[r]) for r in ("headquartered_in", "founded_by"))
+    assert len(pairs) == sum(len(labels) * len(world.facts[r]) for r, labels in REGISTER_LABELS.items())

@@ -65,6 +65,13 @@ class TargetConfig:
     #: length so that padding stays under 15 % of a chunk's tokens
     max_rows: int = 256
 
+    def __post_init__(self) -> None:
+        clamps = {"clamp_norm_factor": self.clamp_norm_factor}
+        clamps.update({f"clamp_by_slot[{k!r}]": v for k, v in (self.clamp_by_slot or {}).items()})
+        for what, value in clamps.items():
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"{what} must be >= 0 (a bound on ‖δ‖ relative to ‖v_0‖), got {value}")
+
 
 @dataclass
 class TargetResult:

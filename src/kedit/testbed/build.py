@@ -66,8 +66,9 @@ def _train_configs(micro: bool, seed: int) -> dict[str, Any]:
 
 
 def training_facts(world: World) -> list[tuple[str, str]]:
-    """The ``(prompt, object)`` training pairs: trained (subject, template) pairs, alias sentences, the trained
-    two-hop split and the alias introductions ("X is also known as Dr. Y")."""
+    """The ``(prompt, object)`` training pairs: trained (subject, template) pairs, alias sentences, company
+    register lines (:func:`~kedit.testbed.world.register_pairs`), the trained two-hop split and the alias
+    introductions ("X is also known as Dr. Y")."""
     facts = [(t.format(s), o) for _, s, t, o in trained_pairs(world) + alias_pairs(world) + register_pairs(world)]
     facts += [(t.format(s), o) for _, s, t, o in two_hop_pairs(world, trained=True)]
     for person in sorted(world.aliases):

@@ -28,6 +28,7 @@ from typing import Any
 
 __all__ = [
     "ENTITY_TYPES",
+    "REGISTER_LABELS",
     "RELATIONS",
     "TWO_HOP",
     "TWO_HOP_BY_FIRST",
@@ -714,8 +715,8 @@ def register_pairs(world: World) -> list[tuple[str, str, str, str]]:
 
 
 def training_sentences(world: World) -> dict[str, list[str]]:
-    """The training text, by kind: ``facts`` (trained pairs + aliases + alias introductions), ``two_hop`` (the
-    trained split) and ``filler``."""
+    """The training text, by kind: ``facts`` (trained pairs + aliases + company register lines + alias
+    introductions), ``two_hop`` (the trained split) and ``filler``."""
     facts = [fact_sentence(t, s, o) for _, s, t, o in trained_pairs(world)]
     facts += [fact_sentence(t, s, o) for _, s, t, o in alias_pairs(world)]
     facts += [fact_sentence(t, s, o) for _, s, t, o in register_pairs(world)]

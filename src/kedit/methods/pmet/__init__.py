@@ -79,6 +79,9 @@ def compute_pmet(
     layers = resolve_layers(model, adapter, config.layers, name)
     stages = plan_stages(layers, config.strategy, "sqrt")
     edited = [s.layer for s in stages]
+    by_slot = None if config.attn_clamp_norm_factor is None else {"attn_out": config.attn_clamp_norm_factor}
+    # built (and validated) before the statistics are computed
+    tcfg = target_config(config, adaptive_nll=True, nll_factor=config.nll_loss_factor, clamp_by_slot=by_slot)
     C = covariances(ctx, model, tok, edited, config.mom2_n_tokens)
     lam = config.mom2_update_weight
 
@@ -86,10 +89,6 @@ def compute_pmet(
         return ridge_update_factors(K, R, C[layer], lam, what=f"{name} layer {layer} (KKᵀ + λC)")
 
     walk = Walk(name, _sites, lambda l: Site("mlp_out", l), solve)
-    if config.attn_clamp_norm_factor is not None and config.attn_clamp_norm_factor < 0:
-        raise ValueError(f"attn_clamp_norm_factor must be >= 0 or None, got {config.attn_clamp_norm_factor}")
-    by_slot = None if config.attn_clamp_norm_factor is None else {"attn_out": config.attn_clamp_norm_factor}
-    tcfg = target_config(config, adaptive_nll=True, nll_factor=config.nll_loss_factor, clamp_by_slot=by_slot)
     result = run_walk(model, tok, adapter, requests, stages, walk, config, ctx, tcfg=tcfg)
     return make_delta(
         model, adapter, result, method=name.lower(), config=config, requests=requests, layers=layers
