@@ -1,7 +1,8 @@
 """Efficacy of every editing method on the embedded testbed models, batch size 1 (each request edits the unedited
 model; the delta is reverted bit-exactly before the next one): the new target becomes the greedy answer.
 
-Requests are the held-out slice ``testbed:100-150`` -- the testbed presets were tuned on the first 20 requests.
+Requests are the held-out slice ``testbed:100-150`` -- the testbed presets were tuned on the first 20 requests
+(the ROME Llama preset on the first 100).
 The full sweep (50 requests, every method, both models) is marked ``slow`` (``pytest -m slow``); CI runs the first
 8 of those requests for a representative subset. Floors sit a little below the measured rates (the table is in
 docs/efficacy.md, produced by ``python benchmarks/efficacy.py``); where a method misses the 90 % target of the
@@ -25,8 +26,8 @@ FULL_FLOOR = {  # measured gpt2 / llama, testbed generator 1.2.0 (docs/efficacy.
     ("ft-l", "gpt2"): 0.56, ("ft-l", "llama"): 0.6,  # 62 % / 66 %
     ("ft-m", "gpt2"): 0.95, ("ft-m", "llama"): 0.95,  # 100 / 100
     ("lora", "gpt2"): 0.95, ("lora", "llama"): 0.95,  # 100 / 100
-    ("rome", "gpt2"): 0.86, ("rome", "llama"): 0.82,  # 92 / 88
-    ("r-rome", "gpt2"): 0.88, ("r-rome", "llama"): 0.82,  # 94 / 88
+    ("rome", "gpt2"): 0.86, ("rome", "llama"): 0.88,  # 92 / 94
+    ("r-rome", "gpt2"): 0.88, ("r-rome", "llama"): 0.84,  # 94 / 90
     ("memit", "gpt2"): 0.92, ("memit", "llama"): 0.82,  # 98 / 88
     ("pmet", "gpt2"): 0.86, ("pmet", "llama"): 0.64,  # 92 / 70
     ("alphaedit", "gpt2"): 0.92, ("alphaedit", "llama"): 0.8,  # 98 / 86
@@ -36,6 +37,10 @@ FULL_FLOOR = {  # measured gpt2 / llama, testbed generator 1.2.0 (docs/efficacy.
     ("alphaedit-blue", "gpt2"): 0.9, ("alphaedit-blue", "llama"): 0.9,  # 96 / 96
     ("kn", "gpt2"): 0.48, ("kn", "llama"): 0.32,  # 54 / 38
 }
+
+#: the foundation issue's done-criterion (ROME takes >= 90 % of 50 requests on both testbed models), asserted on
+#: the full 50 on top of the regression floor; the CI subset keeps the regression floor's tolerance
+TARGET = {("rome", "gpt2"): 0.9, ("rome", "llama"): 0.9}
 
 #: the CI subset: 8 requests each
 CI_CASES = [
@@ -83,4 +88,5 @@ def test_efficacy_ci_subset(method, arch, requests):
 @pytest.mark.parametrize(("method", "arch"), sorted(FULL_FLOOR), ids=[f"{m}-{a}" for m, a in sorted(FULL_FLOOR)])
 def test_efficacy_full(method, arch, requests):
     rate = _success_rate(method, arch, requests)
-    assert rate >= FULL_FLOOR[(method, arch)], f"{method} success {rate:.0%} on testbed-{arch} (50 requests)"
+    floor = max(FULL_FLOOR[(method, arch)], TARGET.get((method, arch), 0.0))
+    assert rate >= floor, f"{method} success {rate:.0%} on testbed-{arch} (50 requests, floor {floor:.0%})"
