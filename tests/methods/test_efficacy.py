@@ -2,7 +2,7 @@
 model; the delta is reverted bit-exactly before the next one): the new target becomes the greedy answer.
 
 Requests are the held-out slice ``testbed:100-150`` -- the testbed presets were tuned on the first 20 requests
-(the ROME Llama preset on the first 100).
+(the v* steps and weight decay of the Llama ROME/MEMIT/AlphaEdit/EMMET presets on the first 100).
 The full sweep (50 requests, every method, both models) is marked ``slow`` (``pytest -m slow``); CI runs the first
 8 of those requests for a representative subset. Floors sit a little below the measured rates (the table is in
 docs/efficacy.md, produced by ``python benchmarks/efficacy.py``); where a method misses the 90 % target of the
@@ -28,13 +28,13 @@ FULL_FLOOR = {  # measured gpt2 / llama, testbed generator 1.2.0 (docs/efficacy.
     ("lora", "gpt2"): 0.95, ("lora", "llama"): 0.95,  # 100 / 100
     ("rome", "gpt2"): 0.86, ("rome", "llama"): 0.88,  # 92 / 94
     ("r-rome", "gpt2"): 0.88, ("r-rome", "llama"): 0.84,  # 94 / 90
-    ("memit", "gpt2"): 0.92, ("memit", "llama"): 0.82,  # 98 / 88
+    ("memit", "gpt2"): 0.92, ("memit", "llama"): 0.86,  # 98 / 92
     ("pmet", "gpt2"): 0.86, ("pmet", "llama"): 0.64,  # 92 / 70
-    ("alphaedit", "gpt2"): 0.92, ("alphaedit", "llama"): 0.8,  # 98 / 86
-    ("emmet", "gpt2"): 0.92, ("emmet", "llama"): 0.82,  # 98 / 88
+    ("alphaedit", "gpt2"): 0.92, ("alphaedit", "llama"): 0.84,  # 98 / 90
+    ("emmet", "gpt2"): 0.92, ("emmet", "llama"): 0.86,  # 98 / 92
     ("memit-blue", "gpt2"): 0.92, ("memit-blue", "llama"): 0.92,  # 98 / 98
     ("pmet-blue", "gpt2"): 0.82, ("pmet-blue", "llama"): 0.76,  # 88 / 82
-    ("alphaedit-blue", "gpt2"): 0.9, ("alphaedit-blue", "llama"): 0.9,  # 96 / 96
+    ("alphaedit-blue", "gpt2"): 0.9, ("alphaedit-blue", "llama"): 0.92,  # 96 / 98
     ("kn", "gpt2"): 0.48, ("kn", "llama"): 0.32,  # 54 / 38
 }
 
