@@ -7,6 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+from kedit.core.config import auto_layers
 from kedit.core.solve import (
     SingularSystemError,
     emmet_update_factors,
@@ -16,8 +17,8 @@ from kedit.core.solve import (
     ridge_update,
     ridge_update_factors,
 )
+from kedit.core.walk import spread_fraction, spread_stages
 from kedit.methods.blue import blue_stages, plan_stages
-from kedit.methods.memit.walk import auto_layers, spread_fraction, spread_stages
 
 D, DK, N = 6, 12, 3
 
@@ -156,3 +157,11 @@ def test_spread_rules_and_plans():
     with pytest.raises(ValueError, match="strategy"):
         plan_stages([1, 2], "bogus", "linear")
     assert auto_layers(48) == (10, 11, 12, 13, 14) and auto_layers(4) == (0, 1) and auto_layers(2) == (0,)
+    # one function for every method: the single layer of ROME and EMMET is a quarter of the depth, inside the model
+    for n in range(1, 60):
+        (single,) = auto_layers(n, count=1, last_at=0.25)
+        assert single == max(0, min(n - 1, round(0.25 * (n - 1))))
+        multi = auto_layers(n)
+        assert list(multi) == list(range(multi[0], multi[-1] + 1)) and 0 <= multi[0] and multi[-1] < n
+    with pytest.raises(ValueError, match="count"):
+        auto_layers(3, count=4)

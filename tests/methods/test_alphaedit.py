@@ -26,8 +26,8 @@ from lte_common import (
 
 from kedit.arch import get_adapter
 from kedit.core.keys import compute_keys
+from kedit.core.walk import request_keys
 from kedit.methods.alphaedit import alphaedit_state
-from kedit.methods.memit.walk import request_keys
 from kedit.methods.registry import get_method
 from kedit.requests import EditRequest
 from kedit.testing import TINY_TEXT

@@ -27,7 +27,7 @@ from lte_common import (
 
 from kedit.arch import get_adapter, math_weight
 from kedit.core.targets import Site
-from kedit.methods.memit.walk import site_values
+from kedit.core.walk import site_values
 from kedit.methods.registry import get_method
 
 EXTRA = {

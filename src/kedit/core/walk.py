@@ -1,4 +1,5 @@
-"""The one "walk the layers" driver shared by MEMIT, PMET, AlphaEdit, EMMET and their BLUE variants.
+"""The one "walk the layers" driver shared by MEMIT, PMET, AlphaEdit, EMMET and their BLUE variants (the fields
+their configs share are :class:`kedit.core.config.LocateEditConfig`).
 
 All of these methods (MEMIT, Meng et al. ICLR 2023, §4.3 and Alg. 1) do the same thing and differ in three
 parameters only:
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from kedit.arch import ArchAdapter, math_weight
+from kedit.core.config import LocateEditConfig, auto_layers, target_config
 from kedit.core.context import EditContext
 from kedit.core.keys import (
     compute_keys,
@@ -52,9 +54,12 @@ __all__ = [
     "Stage",
     "Walk",
     "WalkResult",
-    "auto_layers",
+    "covariances",
+    "group_sizes",
+    "make_delta",
     "request_keys",
     "resolve_layers",
+    "run_walk",
     "site_values",
     "spread_fraction",
     "spread_stages",
@@ -104,16 +109,6 @@ def spread_stages(layers: Sequence[int], rule: str) -> list[Stage]:
     """MEMIT-style plan: targets optimised once at the last layer, residual spread with ``rule``."""
     z = layers[-1]
     return [Stage(l, z, spread_fraction(rule, j, len(layers)), j == 0) for j, l in enumerate(layers)]
-
-
-def auto_layers(n_layers: int) -> tuple[int, ...]:
-    """Default critical layers for a model of depth ``n``: ``min(5, max(2, round(n/8)))`` consecutive layers (one
-    for models shallower than 4) ending at ``round(0.3·(n−1))`` -- the lower-middle MLPs where the MEMIT/PMET/
-    AlphaEdit papers place factual recall (GPT-2 XL 13–17 of 48, GPT-J 3–8 of 28, Llama 4–8 of 32; presets hold
-    those exact ranges)."""
-    count = 1 if n_layers < 4 else min(5, max(2, round(n_layers / 8)))
-    last = min(n_layers - 1, max(count - 1, round(0.3 * (n_layers - 1))))
-    return tuple(range(last - count + 1, last + 1))
 
 
 def resolve_layers(
@@ -356,56 +351,6 @@ def walk_layers(
         after=after_value,
         stages=list(stages),
     )
-
-
-def target_config(
-    config: Any, *, adaptive_nll: bool = False, nll_factor: float = 1.0, clamp_by_slot: dict[str, float] | None = None
-) -> TargetConfig:
-    """The :class:`TargetConfig` of a locate-then-edit config (fields ``v_lr``, ``v_steps``, ``v_weight_decay``,
-    ``clamp_norm_factor``, ``kl_factor``, ``early_stop_loss``)."""
-    return TargetConfig(
-        lr=config.v_lr,
-        steps=config.v_steps,
-        weight_decay=config.v_weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor,
-        kl_factor=config.kl_factor,
-        early_stop_loss=config.early_stop_loss,
-        nll_factor=nll_factor,
-        adaptive_nll=adaptive_nll,
-        clamp_by_slot=clamp_by_slot,
-    )
-
-
-@dataclass
-class LocateEditConfig:
-    """Fields shared by MEMIT, PMET, AlphaEdit and EMMET (reference hyper-parameter names in parentheses).
-
-    Attributes:
-        layers: edited layers (``layers``); the targets are optimised at the last one (``z_layer = layers[-1]``).
-            ``None``: :func:`auto_layers` from the depth.
-        v_lr, v_steps, v_weight_decay, clamp_norm_factor, kl_factor, early_stop_loss: target optimisation
-            (``v_lr``, ``v_num_grad_steps``, ``v_weight_decay``, ``clamp_norm_factor``, ``kl_factor``; loss < 0.05
-            stops a request early).
-        mom2_n_tokens: tokens of the statistics corpus for ``C = E[k kᵀ]`` (the reference counts 100k *texts*).
-        context_lengths: ``((n_tokens, count), ...)`` of the sampled context templates; MEMIT's is 5 prefixes of
-            10 tokens, plus the plain prompt.
-        strategy: ``"spread"`` (the paper: residual spread over ``layers``) or ``"blue"`` (BLUE: only the first and
-            last of ``layers``, targets re-optimised at each, undivided residual); see :mod:`kedit.methods.blue`.
-        debug: record per-stage ``K``, ``R``, ``Z``, ``H`` and ``v_0`` as JSON lists in ``delta.meta["debug"]``
-            (tiny models only: ``(d_k + 4d)·n`` floats per layer).
-    """
-
-    layers: tuple[int, ...] | None = None
-    v_lr: float = 0.5
-    v_steps: int = 20
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 0.05
-    mom2_n_tokens: int = 100_000
-    context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
-    strategy: str = "spread"
-    debug: bool = False
 
 
 def group_sizes(config: LocateEditConfig, ctx: EditContext) -> list[int] | None:

@@ -12,7 +12,7 @@ for ``l`` in ``[l_first, l_last]``, on the current model (``l_first`` already ed
 2. compute the keys ``K`` at ``l`` and ``R = Z − H^l`` with the current ``H^l``;
 3. apply the base method's solve to the **whole** residual (no ``1/(L−j+1)`` division).
 
-In kedit BLUE is a *plan* for the shared driver (:mod:`kedit.methods.memit.walk`), selected with
+In kedit BLUE is a *plan* for the shared driver (:mod:`kedit.core.walk`), selected with
 ``strategy="blue"`` on the MEMIT, PMET and AlphaEdit configs. The methods are also registered as ``memit-blue``,
 ``pmet-blue`` and ``alphaedit-blue`` (what the CLI's ``--method memit --strategy blue`` resolves to); those
 names only differ in their presets: the BLUE repository's layer pairs and the numbers it changes
@@ -22,12 +22,10 @@ names only differ in their presets: the BLUE repository's layer pairs and the nu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kedit.core.walk import Stage, spread_stages
 from kedit.methods.presets import load_presets
-
-if TYPE_CHECKING:
-    from kedit.methods.memit.walk import Stage
 
 __all__ = ["BLUE_PAPER", "STRATEGIES", "blue_stages", "plan_stages", "preset_overrides"]
 
@@ -43,8 +41,6 @@ BLUE_PAPER = (
 def blue_stages(layers: Sequence[int]) -> list[Stage]:
     """BLUE's plan: the first and the last of ``layers`` (one stage if they coincide), each re-optimising its own
     targets at its own layer, with the whole residual."""
-    from kedit.methods.memit.walk import Stage  # lazy: kedit.methods.memit imports this module
-
     boundary = sorted({layers[0], layers[-1]})
     return [Stage(layer, layer, 1.0, True) for layer in boundary]
 
@@ -52,8 +48,6 @@ def blue_stages(layers: Sequence[int]) -> list[Stage]:
 def plan_stages(layers: Sequence[int], strategy: str, spread: str) -> list[Stage]:
     """The stages for ``strategy``: ``"spread"`` (targets at ``layers[-1]``, residual spread with the method's
     ``spread`` rule) or ``"blue"`` (:func:`blue_stages`)."""
-    from kedit.methods.memit.walk import spread_stages
-
     if strategy == "spread":
         return spread_stages(layers, spread)
     if strategy == "blue":

@@ -34,14 +34,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kedit.arch import get_adapter
+from kedit.core.config import LocateEditConfig
 from kedit.core.context import EditContext
 from kedit.core.keys import device_of
 from kedit.core.solve import NULLSPACE_MODES, nullspace_basis, projected_update_factors
 from kedit.core.targets import Site
-from kedit.deltas import EditDelta
-from kedit.methods.blue import BLUE_PAPER, plan_stages, preset_overrides
-from kedit.methods.memit.walk import (
-    LocateEditConfig,
+from kedit.core.walk import (
     Walk,
     group_sizes,
     make_delta,
@@ -49,6 +47,8 @@ from kedit.methods.memit.walk import (
     resolve_layers,
     run_walk,
 )
+from kedit.deltas import EditDelta
+from kedit.methods.blue import BLUE_PAPER, plan_stages, preset_overrides
 from kedit.methods.registry import register_method
 from kedit.requests import EditRequest
 
@@ -60,7 +60,7 @@ STATE_KEY = "alphaedit"
 
 @dataclass
 class AlphaEditConfig(LocateEditConfig):
-    """AlphaEdit hyper-parameters; see :class:`~kedit.methods.memit.walk.LocateEditConfig` for the shared fields.
+    """AlphaEdit hyper-parameters; see :class:`~kedit.core.config.LocateEditConfig` for the shared fields.
 
     Attributes:
         nullspace_threshold: τ (``nullspace_threshold``, 2e-2 in the reference, absolute).

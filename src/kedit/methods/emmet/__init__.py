@@ -20,13 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kedit.arch import get_adapter
+from kedit.core.config import SINGLE_LAYER_AT, LocateEditConfig, auto_layers
 from kedit.core.context import EditContext
 from kedit.core.solve import emmet_update_factors
 from kedit.core.targets import Site
-from kedit.deltas import EditDelta
-from kedit.methods.blue import preset_overrides
-from kedit.methods.memit.walk import (
-    LocateEditConfig,
+from kedit.core.walk import (
     Walk,
     covariances,
     make_delta,
@@ -34,22 +32,20 @@ from kedit.methods.memit.walk import (
     run_walk,
     spread_stages,
 )
+from kedit.deltas import EditDelta
+from kedit.methods.blue import preset_overrides
 from kedit.methods.registry import register_method
 from kedit.requests import EditRequest
 
-__all__ = ["EMMETConfig", "auto_layer", "compute_emmet"]
-
-
-def auto_layer(n_layers: int) -> int:
-    """EMMET's default single layer: ~1/4 of the depth (ROME's choice; GPT-2 XL 17, GPT-J/Llama 5 in presets)."""
-    return max(0, min(n_layers - 1, round(0.25 * (n_layers - 1))))
+__all__ = ["EMMETConfig", "compute_emmet"]
 
 
 @dataclass
 class EMMETConfig(LocateEditConfig):
-    """EMMET hyper-parameters; see :class:`~kedit.methods.memit.walk.LocateEditConfig` for the shared fields.
+    """EMMET hyper-parameters; see :class:`~kedit.core.config.LocateEditConfig` for the shared fields.
 
-    ``layers=None`` picks one layer (:func:`auto_layer`). ``strategy`` must stay ``"spread"`` (no BLUE variant).
+    ``layers=None`` picks one layer, ROME's (:func:`~kedit.core.config.auto_layers` with ``count=1``).
+    ``strategy`` must stay ``"spread"`` (no BLUE variant).
 
     Attributes:
         mom2_update_weight: λ in ``C̃ = λC + μI``.
@@ -71,7 +67,9 @@ def compute_emmet(
     if config.strategy != "spread":
         raise ValueError(f"{name}: strategy must be 'spread' (BLUE is defined for MEMIT, PMET and AlphaEdit)")
     adapter = get_adapter(model)
-    layers_cfg = config.layers if config.layers is not None else (auto_layer(adapter.num_layers(model)),)
+    layers_cfg = config.layers
+    if layers_cfg is None:
+        layers_cfg = auto_layers(adapter.num_layers(model), count=1, last_at=SINGLE_LAYER_AT)
     layers = resolve_layers(model, adapter, layers_cfg, name)
     stages = spread_stages(layers, "linear")
     C = covariances(ctx, model, tok, layers, config.mom2_n_tokens)

@@ -21,19 +21,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kedit.arch import get_adapter
+from kedit.core.config import LocateEditConfig
 from kedit.core.context import EditContext
 from kedit.core.solve import ridge_update_factors
 from kedit.core.targets import Site
-from kedit.deltas import EditDelta
-from kedit.methods.blue import BLUE_PAPER, plan_stages, preset_overrides
-from kedit.methods.memit.walk import (
-    LocateEditConfig,
+from kedit.core.walk import (
     Walk,
     covariances,
     make_delta,
     resolve_layers,
     run_walk,
 )
+from kedit.deltas import EditDelta
+from kedit.methods.blue import BLUE_PAPER, plan_stages, preset_overrides
 from kedit.methods.registry import register_method
 from kedit.requests import EditRequest
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MEMITConfig(LocateEditConfig):
-    """MEMIT hyper-parameters; see :class:`~kedit.methods.memit.walk.LocateEditConfig` for the shared fields.
+    """MEMIT hyper-parameters; see :class:`~kedit.core.config.LocateEditConfig` for the shared fields.
 
     Attributes:
         mom2_update_weight: λ, the weight of the preservation term ``λ tr(Δ C Δᵀ)``; since ``C`` is a mean, λ acts

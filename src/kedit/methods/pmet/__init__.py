@@ -19,20 +19,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kedit.arch import get_adapter
+from kedit.core.config import LocateEditConfig, target_config
 from kedit.core.context import EditContext
 from kedit.core.solve import ridge_update_factors
 from kedit.core.targets import Site
-from kedit.deltas import EditDelta
-from kedit.methods.blue import BLUE_PAPER, plan_stages, preset_overrides
-from kedit.methods.memit.walk import (
-    LocateEditConfig,
+from kedit.core.walk import (
     Walk,
     covariances,
     make_delta,
     resolve_layers,
     run_walk,
-    target_config,
 )
+from kedit.deltas import EditDelta
+from kedit.methods.blue import BLUE_PAPER, plan_stages, preset_overrides
 from kedit.methods.registry import register_method
 from kedit.requests import EditRequest
 
@@ -41,7 +40,7 @@ __all__ = ["PMETBlueConfig", "PMETConfig", "compute_pmet"]
 
 @dataclass
 class PMETConfig(LocateEditConfig):
-    """PMET hyper-parameters; see :class:`~kedit.methods.memit.walk.LocateEditConfig` for the shared fields.
+    """PMET hyper-parameters; see :class:`~kedit.core.config.LocateEditConfig` for the shared fields.
 
     Attributes:
         mom2_update_weight: λ of the preservation term (as MEMIT).

@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kedit.arch import get_adapter, math_weight
+from kedit.core.config import SINGLE_LAYER_AT, auto_layers, target_config
 from kedit.core.context import EditContext
 from kedit.core.keys import compute_keys
 from kedit.core.solve import rome_rank_one
-from kedit.core.targets import Site, TargetConfig, optimize_targets, prompt_text
+from kedit.core.targets import Site, optimize_targets, prompt_text
 from kedit.deltas import EditDelta, LowRankUpdate
 from kedit.methods.presets import preset_for
 from kedit.methods.registry import register_method
@@ -47,7 +48,7 @@ class ROMEConfig:
     """ROME hyper-parameters (reference names in parentheses).
 
     Attributes:
-        layer: the edited layer (``layers[0]``); ``None`` picks ~1/4 of the depth.
+        layer: the edited layer (``layers[0]``); ``None`` picks ~1/4 of the depth (:func:`kedit.core.config.auto_layers`).
         v_lr, v_steps, v_weight_decay, clamp_norm_factor, kl_factor: target optimisation (``v_*``).
         mom2_adjustment: weight the update by C⁻¹ (the paper); ``False`` uses C = I.
         mom2_n_tokens: tokens of the statistics corpus used for C.
@@ -68,10 +69,6 @@ class ROMEConfig:
     mom2_ridge: float = 0.0
     key_mode: str = "rome"
     context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
-
-
-def _auto_layer(n_layers: int) -> int:
-    return max(0, min(n_layers - 1, round(0.25 * (n_layers - 1))))
 
 
 def _rome_presets(model) -> dict:
@@ -97,7 +94,10 @@ def compute_rome(
     if config.key_mode not in KEY_MODES:
         raise ValueError(f"key_mode must be one of {KEY_MODES}, got {config.key_mode!r}")
     adapter = get_adapter(model)
-    layer = config.layer if config.layer is not None else _auto_layer(adapter.num_layers(model))
+    if config.layer is not None:
+        layer = config.layer
+    else:
+        (layer,) = auto_layers(adapter.num_layers(model), count=1, last_at=SINGLE_LAYER_AT)
     layer = adapter.check_layer(model, layer)
     module = adapter.module(model, "mlp_out", layer)
     param_name = adapter.weight_name("mlp_out", layer)
@@ -105,14 +105,7 @@ def compute_rome(
     if config.mom2_adjustment:
         C = ctx.second_moments(model, tok, [layer], n_tokens=config.mom2_n_tokens)[layer].mean
     templates = ctx.context_templates(model, tok, config.context_lengths)
-    tcfg = TargetConfig(
-        lr=config.v_lr,
-        steps=config.v_steps,
-        weight_decay=config.v_weight_decay,
-        clamp_norm_factor=config.clamp_norm_factor,
-        kl_factor=config.kl_factor,
-        early_stop_loss=config.early_stop_loss,
-    )
+    tcfg = target_config(config)
     weight = module.weight
     original = weight.detach().clone()
     lefts, rights, diagnostics = [], [], []
