@@ -21,6 +21,7 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from kedit.core.batching import ConflictingRequestsError
 from kedit.core.context import EditContext
 from kedit.deltas import load_delta
 from kedit.methods.ft.objective import teacher_forced_logprob
@@ -165,3 +166,28 @@ def test_case(name, arch, tok, tmp_path):
     if lp_after <= lp_before and (name, arch) in WEAK_EFFICACY:
         pytest.xfail(WEAK_EFFICACY[(name, arch)])
     assert lp_after > lp_before, f"log P(target) did not rise: {lp_before:.4f} -> {lp_after:.4f}"
+
+
+#: methods that compute a batch jointly (``MethodSpec.batched``); sequential ones (ROME) may override a request
+BATCHED = [name for name in METHOD_NAMES if next(s for s in list_methods() if s.name == name).batched]
+
+
+@pytest.mark.parametrize("name", BATCHED)
+def test_contradicting_requests_refused(name, tok):
+    """Two requests with the same subject and prompt but different targets cannot both succeed in one joint
+    computation: every batched method refuses them, naming both records, before changing anything."""
+    spec = next(s for s in list_methods() if s.name == name)
+    model = tiny_model("gpt2", vocab_size=len(tok))
+    snap = _snapshot(model)
+    other = EditRequest("{} is known for", "Toko Yasuda", "trumpet", case_id="other")
+    clash = EditRequest(REQ.prompt, REQ.subject, "Rome", case_id="clash")
+    with pytest.raises(ConflictingRequestsError) as err:
+        spec.compute(model, tok, [REQ, other, clash], _config(spec), _ctx("gpt2"))
+    msg = str(err.value)
+    assert "case 'table'" in msg and "case 'clash'" in msg and "'Paris'" in msg and "'Rome'" in msg
+    assert "case 'other'" not in msg
+    # without case ids the records are named by their 1-based position
+    anonymous = [dataclasses.replace(r, case_id=None) for r in (REQ, other, clash)]
+    with pytest.raises(ConflictingRequestsError, match=r"request 1 \(1-based position\) and request 3 "):
+        spec.compute(model, tok, anonymous, _config(spec), _ctx("gpt2"))
+    _assert_same(model, snap, "a refused compute")

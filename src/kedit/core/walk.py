@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from kedit.arch import ArchAdapter, math_weight
+from kedit.core.batching import check_conflicts
 from kedit.core.config import LocateEditConfig, auto_layers, target_config
 from kedit.core.context import EditContext
 from kedit.core.keys import (
@@ -131,9 +132,11 @@ def resolve_layers(
 
 
 def validate_requests(tok, requests: Sequence[EditRequest], name: str) -> None:
-    """Fail early, naming the request, on a target that tokenizes to nothing or a subject not found."""
+    """Fail early, naming the request, on a target that tokenizes to nothing, a subject not found, or two requests
+    asking the same prompt for different targets (:func:`kedit.core.batching.check_conflicts`)."""
     if not requests:
         raise ValueError(f"{name}: no edit requests given")
+    check_conflicts(requests, name)
     for i, req in enumerate(requests):
         ident = f"request #{i}" + (f" (case {req.case_id})" if req.case_id is not None else "")
         try:

@@ -36,6 +36,7 @@ import torch
 from torch.func import functional_call
 
 from kedit.arch import ArchAdapter, get_adapter, is_transposed
+from kedit.core.batching import check_conflicts
 from kedit.core.context import EditContext
 from kedit.core.keys import device_of
 from kedit.deltas import DenseUpdate, EditDelta
@@ -154,6 +155,7 @@ def compute_ft(
     _check_common(config)
     if not requests:
         raise ValueError("no edit requests given")
+    check_conflicts(requests, "FT")
     adapter = get_adapter(model)
     n_layers = adapter.num_layers(model)
     targets = resolve_projections(

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kedit.arch import ArchAdapter, get_adapter, math_weight
+from kedit.core.batching import check_conflicts
 from kedit.core.context import EditContext
 from kedit.core.keys import device_of, target_ids
 from kedit.deltas import DenseUpdate, EditDelta
@@ -195,6 +196,7 @@ def compute_kn(
     ctx = ctx or EditContext()
     if not requests:
         raise ValueError("no edit requests given")
+    check_conflicts(requests, "KN")
     if not 0 < config.adaptive_threshold <= 1:
         raise ValueError(f"adaptive_threshold must be in (0, 1], got {config.adaptive_threshold}")
     adapter = get_adapter(model)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kedit.arch import get_adapter, is_transposed
+from kedit.core.batching import check_conflicts
 from kedit.core.context import EditContext
 from kedit.core.keys import device_of
 from kedit.deltas import EditDelta, LowRankUpdate
@@ -125,6 +126,7 @@ def compute_lora(
         )
     if not requests:
         raise ValueError("no edit requests given")
+    check_conflicts(requests, "LoRA")
     if not config.slots:
         raise ValueError("slots must name at least one projection")
     adapter = get_adapter(model)
