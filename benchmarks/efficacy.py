@@ -3,7 +3,7 @@
 Every cell is one :func:`kedit.eval.run_eval` run written to ``--out/<model>/<protocol>-k<K>/<method>`` (resumable:
 a rerun only evaluates what is missing), so ``kedit report`` can render any subset of them afterwards.
 
-    python benchmarks/efficacy.py                                    # batch 1 (single/v1), every method, 50 requests
+    python benchmarks/efficacy.py                                    # batch 1 (single/v1), every registered method, 50 requests
     python benchmarks/efficacy.py --methods memit alphaedit --protocol batch/v1 --batch-size 200 \
         --data testbed:400-1564 --distinct-subjects --limit 200
     python benchmarks/efficacy.py --protocol sequential-final/v1 --batch-size 50 --data testbed:100-600
@@ -26,17 +26,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ALL_METHODS = [
-    "ft-l", "ft-m", "lora", "rome", "r-rome", "memit", "pmet", "alphaedit", "emmet",
-    "memit-blue", "pmet-blue", "alphaedit-blue", "kn",
-]
 ASPECTS = ("reliability", "generalization", "locality")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["testbed-gpt2", "testbed-llama"])
-    ap.add_argument("--methods", nargs="+", default=ALL_METHODS)
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="default: every method kedit registers (kedit.methods.registry.list_methods())")
     ap.add_argument("--protocol", default="single/v1")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--data", default="testbed:100-150", help="testbed[:N], testbed:A-B or a dataset file")
@@ -60,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from kedit.eval.cli import _ppl_texts
     from kedit.eval.runner import EvalConfig, run_eval
 
+    if args.methods is None:
+        args.methods = registered_methods()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.distinct_per_batch:  # reorder the whole set first, so --limit N is a prefix of the full sequence
@@ -101,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         for c in cells:
             print(_row(c))
     return 0
+
+
+def registered_methods() -> list[str]:
+    """Every editing method kedit ships, from the registry (a new method joins the table by registering)."""
+    from kedit.methods.registry import list_methods
+
+    return [s.name for s in list_methods() if s.compute.__module__.startswith("kedit.methods")]
 
 
 def _row(c: dict) -> str:

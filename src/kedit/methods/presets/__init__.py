@@ -3,6 +3,8 @@
 Each file holds ``{"presets": [{"name": ..., "match": {config_attr: value, ...}, "config": {...}}, ...]}``; the
 first entry whose ``match`` equals the model's config attributes wins (``model_type``, ``num_hidden_layers``,
 ``hidden_size`` ...). Presets are numbers only -- never module paths: those live in :mod:`kedit.arch`.
+A file may also carry ``"testbed_efficacy"``: the rates its methods measured on the testbed models, from which
+``tests/methods/test_efficacy.py`` derives its floors (see docs/efficacy.md); it is not read at edit time.
 """
 
 from __future__ import annotations
