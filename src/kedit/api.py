@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kedit.core.batching import device_of, pad_batch, pad_id
 from kedit.core.context import EditContext
-from kedit.core.keys import device_of, pad_id, target_ids
+from kedit.core.keys import target_ids
 from kedit.deltas import EditDelta
 from kedit.methods.registry import get_method
 from kedit.requests import EditRequest, as_requests
@@ -86,13 +87,8 @@ def greedy_answers(
     for b in range(0, len(prompts), batch_size):
         chunk = list(prompts[b : b + batch_size])
         enc = [tok(p, add_special_tokens=True)["input_ids"] for p in chunk]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), pid, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(enc):
-            ids[i, width - len(e) :] = torch.tensor(e)
-            mask[i, width - len(e) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad_batch(enc, pid, device, side="left")
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids,
             attention_mask=mask,

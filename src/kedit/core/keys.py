@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from kedit.arch import ArchAdapter
+from kedit.core.batching import device_of, pad_batch, pad_id
 from kedit.hooks import trace
 
 __all__ = [
     "Encoded",
     "encode_with_subject",
-    "pad_batch",
     "sample_context_templates",
     "gather_at",
     "compute_keys",
@@ -85,31 +85,9 @@ def target_ids(tok, target: str) -> list[int]:
     return list(ids)
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id sequences; returns ``(input_ids, attention_mask)``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_id(tok) -> int:
-    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
-        if cand is not None:
-            return int(cand)
-    return 0
-
-
 def gather_at(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``hidden[b, index[b]]`` for a ``[B, T, d]`` tensor."""
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index.to(hidden.device)]
-
-
-def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.no_grad()

@@ -41,6 +41,8 @@ import torch
 from torch import nn
 
 from kedit.arch import ArchAdapter, get_adapter
+from kedit.core.batching import device_of, pad_batch
+from kedit.core.batching import pad_id as _pad_id  # a local `pad_id` holds the value
 from kedit.fingerprint import model_fingerprint
 from kedit.hooks import trace
 
@@ -134,32 +136,11 @@ def _batches(items: Iterable[tuple[str, torch.Tensor]], batch_size: int) -> Iter
         yield [ids for _, ids in chunk]
 
 
-def _pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad ``seqs``. Always right: with left padding the leading pad queries attend to nothing, and some
-    models (e.g. Gemma-2 in fp64, eager attention) then produce NaN rows that leak into real tokens through
-    ``0 · NaN`` in the attention product. The tokenizer's ``padding_side`` is irrelevant for statistics."""
-    width = max(int(s.numel()) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        n = int(s.numel())
-        ids[i, :n] = s.long()
-        mask[i, :n] = 1
-    return ids, mask
-
-
 def _forward_kwargs(model: nn.Module) -> set[str]:
     try:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):  # pragma: no cover
         return set()
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and hasattr(emb, "weight"):
-        return emb.weight.device
-    return next(model.parameters()).device
 
 
 def _normalise_layers(adapter: ArchAdapter, model: nn.Module, layers: Iterable[int]) -> list[int]:
@@ -184,7 +165,7 @@ def _collect_encoded(
     progress: ProgressFn | None,
 ) -> dict[int, SecondMoment]:
     paths = {layer: adapter.path("mlp_out", layer) for layer in layers}
-    device = _model_device(model)
+    device = device_of(model)
     accepted = _forward_kwargs(model)
     sums: dict[int, torch.Tensor] = {}
     done = 0
@@ -193,7 +174,7 @@ def _collect_encoded(
     try:
         with torch.no_grad():
             for seqs in _batches(_take_prefix(encoded, n_tokens), batch_size):
-                input_ids, mask = _pad(seqs, pad_id)
+                input_ids, mask = pad_batch(seqs, pad_id)
                 kwargs: dict[str, Any] = {
                     "input_ids": input_ids.to(device),
                     "attention_mask": mask.to(device),
@@ -245,14 +226,6 @@ def _check_common(n_tokens: int, batch_size: int, dtype: torch.dtype) -> None:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
 
 
-def _pad_id(tokenizer: Any) -> int:
-    """Any valid id works (pad positions are masked and discarded); no pad token is required."""
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None)
-    return int(pad_id) if pad_id is not None else 0
-
-
 # -- public API --------------------------------------------------------------------------------------------------
 def collect_second_moments(
     model: nn.Module,
@@ -272,7 +245,7 @@ def collect_second_moments(
     Args:
         model: a causal LM (left in its original train/eval mode and bit-identical).
         tokenizer: its tokenizer, only used to encode texts (never modified; no pad token needed). Batches are
-            always right-padded internally (see ``_pad``), so the tokenizer's ``padding_side`` does not matter.
+            always right-padded internally (:func:`kedit.core.batching.pad_batch`), so the tokenizer's ``padding_side`` does not matter.
         layers: layer indices (negative ones count from the end); the result is keyed by the non-negative index.
         texts: any iterable of strings, consumed lazily and only as far as needed.
         n_tokens: exact number of (non-pad) tokens to average over; fewer if the corpus runs out (logged).

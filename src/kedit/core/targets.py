@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kedit.arch import ArchAdapter
-from kedit.core.keys import device_of, encode_with_subject, gather_at, pad_batch, pad_id, target_ids
+from kedit.core.batching import device_of, pad_batch, pad_id
+from kedit.core.keys import encode_with_subject, gather_at, target_ids
 from kedit.hooks import trace
 from kedit.requests import EditRequest
 

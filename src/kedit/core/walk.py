@@ -34,18 +34,10 @@ import torch
 from torch import nn
 
 from kedit.arch import ArchAdapter, math_weight
-from kedit.core.batching import check_conflicts
+from kedit.core.batching import check_conflicts, device_of, pad_batch, pad_id
 from kedit.core.config import LocateEditConfig, auto_layers, target_config
 from kedit.core.context import EditContext
-from kedit.core.keys import (
-    compute_keys,
-    device_of,
-    encode_with_subject,
-    gather_at,
-    pad_batch,
-    pad_id,
-    target_ids,
-)
+from kedit.core.keys import compute_keys, encode_with_subject, gather_at, target_ids
 from kedit.core.targets import Site, TargetConfig, optimize_targets, prompt_text
 from kedit.hooks import trace
 from kedit.requests import EditRequest

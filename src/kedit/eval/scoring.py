@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from kedit.api import greedy_answers
-from kedit.core.keys import device_of, pad_batch, pad_id, target_ids
+from kedit.core.batching import device_of, pad_batch, pad_id
+from kedit.core.keys import target_ids
 from kedit.eval.metrics import GROUPS, Observation, ProbeResult, TFScore
 from kedit.requests import EditRequest
 

@@ -40,10 +40,6 @@ MICRO_GATE_TARGETS = {"recall_trained": 0.95, "recall_heldout": 0.40, "recall_in
 CONTEXT_KINDS = ("filler", "fact", "filler+fact")
 
 
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device
-
-
 def recall(
     model: Any,
     tokenizer: Any,
@@ -55,26 +51,22 @@ def recall(
     """Fraction of ``(prompt, object)`` pairs for which greedy decoding yields ``" object."``."""
     import torch
 
+    from kedit.core.batching import device_of, pad_batch, pad_id
+
     if not pairs:
         return (float("nan"), []) if return_hits else float("nan")
     bos = tokenizer.bos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    pad = pad_id(tokenizer)
     p_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
     f_ids = tokenizer([f"{p} {o}." for p, o in pairs], add_special_tokens=False)["input_ids"]
-    dev = _device(model)
+    dev = device_of(model)
     hits: list[bool] = []
     order = sorted(range(len(pairs)), key=lambda i: len(f_ids[i]))
     res: dict[int, bool] = {}
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            n = max(len(f_ids[i]) for i in idx) + 1
-            ids = torch.full((len(idx), n), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), n), dtype=torch.long)
-            for r, i in enumerate(idx):
-                seq = [bos] + f_ids[i]
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
+            ids, mask = pad_batch([[bos] + f_ids[i] for i in idx], pad)
             pred = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.argmax(-1).cpu()
             for r, i in enumerate(idx):
                 start = len(p_ids[i]) + 1  # position of the first object token in [bos] + f_ids
@@ -93,22 +85,17 @@ def greedy_generate(
     """Batched greedy decoding (left-padded, with KV cache); returns the decoded continuations."""
     import torch
 
+    from kedit.core.batching import device_of, pad_batch, pad_id
+
     bos = tokenizer.bos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    dev = _device(model)
+    dev = device_of(model)
     out: list[str] = [""] * len(prompts)
     with torch.no_grad():
         for s in range(0, len(enc), batch_size):
-            chunk = [[bos] + e for e in enc[s : s + batch_size]]
-            n = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            for r, c in enumerate(chunk):
-                ids[r, n - len(c) :] = torch.tensor(c)
-                mask[r, n - len(c) :] = 1
-            ids, mask = ids.to(dev), mask.to(dev)
+            ids, mask = pad_batch([[bos] + e for e in enc[s : s + batch_size]], pad, dev, side="left")
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
             past = res.past_key_values
@@ -145,20 +132,16 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: 
     """Token-level perplexity of ``texts`` (each as ``bos text eos``)."""
     import torch
 
+    from kedit.core.batching import device_of, pad_batch, pad_id
+
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    pad = pad_id(tokenizer)
     enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    dev = _device(model)
+    dev = device_of(model)
     tot, cnt = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(enc), batch_size):
-            chunk = [[bos] + e + [eos] for e in enc[s : s + batch_size]]
-            n = max(len(c) for c in chunk)
-            ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            for r, c in enumerate(chunk):
-                ids[r, : len(c)] = torch.tensor(c)
-                mask[r, : len(c)] = 1
+            ids, mask = pad_batch([[bos] + e + [eos] for e in enc[s : s + batch_size]], pad)
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
             lp = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"

@@ -207,14 +207,11 @@ def _pack(rng: random.Random, items: list[Example], cfg: TrainConfig) -> list[Ex
 def _collate(batch: Sequence[Example], pad_id: int) -> tuple[Any, Any, Any]:
     import torch
 
-    n = max(len(e.ids) for e in batch)
-    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), n), dtype=torch.long)
-    w = torch.zeros((len(batch), n), dtype=torch.float32)
-    for i, e in enumerate(batch):
-        ids[i, : len(e.ids)] = torch.tensor(e.ids)
-        mask[i, : len(e.ids)] = 1
-        w[i, : len(e.ids)] = torch.tensor(e.weights)
+    from kedit.core.batching import pad_batch
+
+    ids, mask = pad_batch([e.ids for e in batch], pad_id)
+    w = torch.zeros(mask.shape, dtype=torch.float32)
+    w[mask.bool()] = torch.tensor([x for e in batch for x in e.weights], dtype=torch.float32)  # row-major = right pad
     return ids, mask, w
 
 
@@ -272,6 +269,8 @@ def train_model(
 def _train(model, fact_examples, plain_examples, cfg, pad_id, progress, eval_hook) -> dict[str, Any]:
     import torch
 
+    from kedit.core.batching import device_of
+
     rng = random.Random(cfg.seed)
     plans = [_epoch_batches(rng, fact_examples, plain_examples, e, cfg) for e in range(cfg.epochs)]
     total = sum(len(p) for p in plans)
@@ -293,7 +292,7 @@ def _train(model, fact_examples, plain_examples, cfg, pad_id, progress, eval_hoo
         t = (step - warmup) / max(1, total - warmup)
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    device = next(model.parameters()).device
+    device = device_of(model)
     model.train()
     step = 0
     t0 = time.time()

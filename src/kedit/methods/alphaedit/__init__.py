@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from kedit.arch import get_adapter
+from kedit.core.batching import device_of
 from kedit.core.config import LocateEditConfig
 from kedit.core.context import EditContext
-from kedit.core.keys import device_of
 from kedit.core.solve import NULLSPACE_MODES, nullspace_basis, projected_update_factors
 from kedit.core.targets import Site
 from kedit.core.walk import (

@@ -36,9 +36,8 @@ import torch
 from torch.func import functional_call
 
 from kedit.arch import ArchAdapter, get_adapter, is_transposed
-from kedit.core.batching import check_conflicts
+from kedit.core.batching import check_conflicts, device_of
 from kedit.core.context import EditContext
-from kedit.core.keys import device_of
 from kedit.deltas import DenseUpdate, EditDelta
 from kedit.methods.ft.objective import LOSSES, build_loss_batches, keep_grad_flags, train_adam
 from kedit.methods.presets import preset_for

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kedit.core.keys import device_of, pad_batch, pad_id, target_ids
+from kedit.core.batching import device_of, pad_batch, pad_id
+from kedit.core.keys import target_ids
 from kedit.requests import EditRequest
 
 __all__ = [

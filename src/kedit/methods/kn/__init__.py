@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kedit.arch import ArchAdapter, get_adapter, math_weight
-from kedit.core.batching import check_conflicts
+from kedit.core.batching import check_conflicts, device_of
 from kedit.core.context import EditContext
-from kedit.core.keys import device_of, target_ids
+from kedit.core.keys import target_ids
 from kedit.deltas import DenseUpdate, EditDelta
 from kedit.hooks import trace
 from kedit.methods.presets import preset_for

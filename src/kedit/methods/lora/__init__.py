@@ -27,9 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kedit.arch import get_adapter, is_transposed
-from kedit.core.batching import check_conflicts
+from kedit.core.batching import check_conflicts, device_of
 from kedit.core.context import EditContext
-from kedit.core.keys import device_of
 from kedit.deltas import EditDelta, LowRankUpdate
 from kedit.fingerprint import tensor_fingerprint
 from kedit.methods.ft import resolve_projections
