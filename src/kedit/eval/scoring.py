@@ -3,7 +3,7 @@ generations, perplexity) -- never one prompt per forward pass when a batch fits.
 
 * Teacher forcing builds ``ids = tok(prompt) ⊕ target_ids(tok, answer)`` (the prompt with the tokenizer's usual
   special tokens, the answer as ``" " + answer`` without them, as the ROME/MEMIT code does), right-pads a batch of
-  them (:func:`kedit.core.keys.pad_batch`) sorted by length, and reads the log-probabilities and argmaxes at the
+  them (:func:`kedit.core.batching.pad_batch`) sorted by length, and reads the log-probabilities and argmaxes at the
   answer positions.
 * Generation uses :func:`kedit.api.greedy_answers` (left-padded, batched ``generate``).
 * Perplexity sums token NLLs over a fixed text set.
