@@ -20,6 +20,7 @@ from kedit.deltas import (
     LowRankUpdate,
     applied_deltas,
     load_delta,
+    revert_deltas,
     rollback_bytes,
 )
 from kedit.deltas.ledger import LEDGER_ATTR
@@ -234,3 +235,39 @@ def test_extras_round_trip_and_format_version(bases, tmp_path):
     assert torch.equal(loaded.extras["m.keys.1"], keys) and loaded.extras["m.keys.1"].dtype == torch.float64
     with pytest.raises(TypeError, match="extras"):
         EditDelta([u], extras={"x": [1.0]})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_revert_deltas_equals_one_by_one_and_refuses_what_it_would(bases, dtype):
+    model = bases("llama", dtype)
+    names = targets(model)
+    g = torch.Generator().manual_seed(8)
+    rng = random.Random(8)
+    states, deltas = [snapshot(model)], []
+    for _ in range(10):
+        chosen = rng.sample(names, 2)
+        deltas.append(EditDelta.for_model(model, [random_update(model, n, g) for n in chosen], method="t").apply(model))
+        states.append(snapshot(model))
+    with pytest.raises(DeltaStateError, match="LIFO"):
+        revert_deltas(model, deltas[5:])  # oldest first: refused, nothing changed
+    assert_bitwise(model, states[-1]) and all(d.is_applied for d in deltas)
+    revert_deltas(model, deltas[5:][::-1])
+    assert_bitwise(model, states[5])
+    assert applied_deltas(model) == deltas[:5] and not any(d.is_applied for d in deltas[5:])
+    revert_deltas(model, deltas[:5][::-1])
+    assert_bitwise(model, states[0])
+    assert rollback_bytes(model) == 0
+
+
+def test_revert_deltas_refuses_across_an_external_change(bases):
+    model = bases("gpt2")
+    name = targets(model)[0]
+    g = torch.Generator().manual_seed(9)
+    a = EditDelta.for_model(model, [random_update(model, name, g)], method="t").apply(model)
+    with torch.no_grad():
+        model.get_parameter(name).add_(1.0)
+    b = EditDelta.for_model(model, [random_update(model, name, g)], method="t").apply(model, check=False)
+    now = snapshot(model)
+    with pytest.raises(DeltaStateError, match="changed since"):
+        revert_deltas(model, [b, a])
+    assert_bitwise(model, now) and a.is_applied and b.is_applied

@@ -11,6 +11,7 @@ compute time)::
         ...
     delta.save("out/edit-1");  delta = load_delta("out/edit-1")
     rollback_bytes(model)         # bytes held for exact rollback of everything applied to model
+    revert_deltas(model, deltas)  # several at once, newest first: one replay per parameter
 
 One concept per module:
 
@@ -48,7 +49,7 @@ swallowed update raises :class:`DeltaSwallowedError`, a partly swallowed one is 
 :mod:`kedit.deltas.delta`). Application is all-or-nothing.
 """
 
-from kedit.deltas.delta import MAX_RELATIVE_ERROR, MIN_ACHIEVED_RATIO, EditDelta
+from kedit.deltas.delta import MAX_RELATIVE_ERROR, MIN_ACHIEVED_RATIO, EditDelta, revert_deltas
 from kedit.deltas.errors import (
     DeltaError,
     DeltaFormatError,
@@ -89,5 +90,6 @@ __all__ = [
     "applied_deltas",
     "kedit_version",
     "load_delta",
+    "revert_deltas",
     "rollback_bytes",
 ]
