@@ -20,7 +20,7 @@ from torch import nn
 from kedit.core.batching import device_of, pad_batch, pad_id
 from kedit.core.context import EditContext
 from kedit.core.keys import target_ids
-from kedit.deltas import EditDelta
+from kedit.deltas import EditDelta, revert_deltas
 from kedit.methods.registry import get_method
 from kedit.requests import EditRequest, as_requests
 
@@ -118,10 +118,8 @@ class EditResult:
         return sum(self.success) / len(self.success) if self.success else float("nan")
 
     def revert(self, model: nn.Module) -> None:
-        """Undo every applied delta, newest first (bitwise exact)."""
-        for d in reversed(self.deltas):
-            if d.is_applied:
-                d.revert(model)
+        """Undo every applied delta, newest first (bitwise exact; one replay per parameter, all-or-nothing)."""
+        revert_deltas(model, [d for d in reversed(self.deltas) if d.is_applied])
 
 
 def edit(

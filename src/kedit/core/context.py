@@ -1,9 +1,10 @@
 """The explicit state an editing session carries: statistics cache, corpus, context templates, seed.
 
 kedit keeps no module-level caches. Everything the reference code caches in globals (covariances, context
-templates, AlphaEdit's projector and key cache) lives on an :class:`EditContext` that the caller owns and may
-reuse across calls -- e.g. for sequential editing, where the statistics of the *base* model are reused and
-AlphaEdit accumulates previously edited keys in :attr:`EditContext.state`.
+templates, AlphaEdit's projector) lives on an :class:`EditContext` that the caller owns and may reuse across
+calls -- e.g. for sequential editing, where the statistics of the *base* model are reused. State that depends on
+which edits are applied does not live here: it travels with the deltas (AlphaEdit's edited keys are
+``EditDelta.extras``, summed over :func:`kedit.deltas.applied_deltas`), so reverting an edit cannot leave it behind.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class EditContext:
         corpus_id: a stable name for the corpus (used in cache keys instead of hashing the texts).
         seed: seed of the sampled context templates and any other randomness.
         templates: injected context templates (``["{}", "prefix. {}", ...]``) replacing the sampled ones.
-        state: method-specific state carried across sequential calls (e.g. AlphaEdit's edited-key cache).
+        state: method-specific caches kept across calls (e.g. AlphaEdit's projector and its memo of the applied
+            deltas' key moments).
         progress: ``fn(stage, done, total)`` called on long stages (the CLI draws progress bars from it).
     """
 

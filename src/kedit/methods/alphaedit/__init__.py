@@ -10,18 +10,26 @@ projected onto the approximate null space of the preserved-knowledge keys ``K_0`
 so ``Δ(I − P) = 0`` and ``(W + Δ) K_0 ≈ W K_0``: preservation holds by construction and λC disappears from the
 objective. ``K_p K_pᵀ`` accumulates the keys of previous edits, so sequential batches do not overwrite each other.
 
-**State** (explicit, on the :class:`~kedit.core.context.EditContext`, never global): ``ctx.state["alphaedit"]``
-holds
+**State** (explicit, never global). The previous edits' keys ``K_p`` travel **with the deltas**: with
+``accumulate_keys``, the keys of the batch are **recomputed on the edited model** (all layers updated, as the
+reference does after each batch) and stored in the delta's :attr:`~kedit.deltas.EditDelta.extras` as
+``"alphaedit.keys.<layer>"`` (``K``, ``[n, d_k]``). ``K_pK_pᵀ`` is then *derived* from the AlphaEdit deltas
+currently applied to the model (:func:`kedit.deltas.applied_deltas`, oldest first: ``Σ K_iᵀK_i`` folded in apply
+order, as the reference accumulates it), so
 
-* ``"nullspace"``: the basis ``U_s`` per ``(model key, layer, τ, mode, mom2_n_tokens)``, computed once from the
-  context's cached statistics of the *base* model (``ctx.model_key`` is the first model the context saw);
-* ``"key_cache"``: ``K_pK_pᵀ`` per ``(model key, layer)``. When a delta is computed (``accumulate_keys``), the keys
-  of the batch are **recomputed on the edited model** (all layers updated, as the reference does after each batch)
-  and ``K Kᵀ`` is added -- at the end of ``compute``, only if it succeeded.
+* the keys of applied earlier edits enter the next solve (sequential editing, as before);
+* a reverted delta leaves nothing behind -- reverting the weights rolls the key cache back with them, exactly;
+* ``compute`` does not change any state for the delta it returns: a delta that is never applied has no effect;
+* a saved AlphaEdit delta, reloaded and applied, brings its keys back.
 
-Sequential editing therefore needs **one EditContext reused across calls** (``kedit.edit(..., ctx=ctx)``), and it
-assumes every computed delta is applied. Reverting a delta does not shrink the key cache: to roll back, restore the
-model *and* the context state (``ctx.state["alphaedit"] = snapshot``) or start a new context.
+``ctx.state["alphaedit"]`` (on the :class:`~kedit.core.context.EditContext`) only caches pure functions of its
+inputs: ``"nullspace"``, the basis ``U_s`` per ``(model key, layer, τ, mode, mom2_n_tokens)`` computed once from the
+context's statistics of the *base* model (``ctx.model_key`` is the first model the context saw), and
+``"key_cache"``, a memo of the running ``K_pK_pᵀ`` per ``(model key, layer)`` keyed by the application ids of the
+deltas it sums (:attr:`~kedit.deltas.EditDelta.application_id`; extended when deltas were added on top, rebuilt
+from the deltas otherwise -- the same fold, so bitwise the same sum). A context may thus be reused across
+unrelated single edits (apply, evaluate, revert) without leaking keys, and any context sees the keys of the
+AlphaEdit deltas applied to the model it edits.
 
 ``strategy="blue"`` / ``alphaedit-blue``: BLUE's ``if hparams.blue`` branch -- first and last layer, targets
 re-optimised at each, undivided residual, same projected solve.
@@ -32,6 +40,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from kedit.arch import get_adapter
 from kedit.core.batching import device_of
@@ -47,15 +57,25 @@ from kedit.core.walk import (
     resolve_layers,
     run_walk,
 )
-from kedit.deltas import EditDelta
+from kedit.deltas import EditDelta, applied_deltas
 from kedit.methods.blue import BLUE_PAPER, plan_stages, preset_overrides
 from kedit.methods.registry import register_method
 from kedit.requests import EditRequest
 
-__all__ = ["STATE_KEY", "AlphaEditBlueConfig", "AlphaEditConfig", "alphaedit_state", "compute_alphaedit"]
+__all__ = [
+    "KEYS_EXTRA",
+    "STATE_KEY",
+    "AlphaEditBlueConfig",
+    "AlphaEditConfig",
+    "alphaedit_state",
+    "compute_alphaedit",
+    "previous_key_moments",
+]
 
 #: key of this method's entry in ``EditContext.state``
 STATE_KEY = "alphaedit"
+#: prefix of the delta extras holding a batch's keys on the edited model: ``f"{KEYS_EXTRA}{layer}"`` -> ``[n, d_k]``
+KEYS_EXTRA = "alphaedit.keys."
 
 
 @dataclass
@@ -67,7 +87,8 @@ class AlphaEditConfig(LocateEditConfig):
         nullspace_mode: ``"absolute"`` (eigenvalue < τ, the paper), ``"relative"`` (< τ·max) or ``"energy"``
             (the tail holding a fraction τ of the key energy); see :func:`kedit.core.solve.nullspace_basis`.
         l2: α (``L2``), the ridge on the projected perturbation.
-        accumulate_keys: add this batch's ``K Kᵀ`` (recomputed on the edited model) to the context's key cache.
+        accumulate_keys: carry this batch's keys (recomputed on the edited model) in the delta, so that once it is
+            applied later AlphaEdit edits of the model add its ``K Kᵀ`` to ``K_pK_pᵀ``.
     """
 
     nullspace_threshold: float = 2e-2
@@ -84,12 +105,45 @@ class AlphaEditBlueConfig(AlphaEditConfig):
 
 
 def alphaedit_state(ctx: EditContext) -> dict[str, Any]:
-    """This method's state on ``ctx``: ``{"nullspace": {...}, "key_cache": {...}, "batches": int}``."""
+    """This method's caches on ``ctx``: ``{"nullspace": {...}, "key_cache": {...}}`` (see the module docstring)."""
     state = ctx.state.setdefault(STATE_KEY, {})
     state.setdefault("nullspace", {})
     state.setdefault("key_cache", {})
-    state.setdefault("batches", 0)
     return state
+
+
+def previous_key_moments(
+    model, ctx: EditContext, layers: Sequence[int]
+) -> tuple[dict[int, torch.Tensor | None], int]:
+    """``K_pK_pᵀ`` (fp64, CPU; ``None`` when no key) per layer, summed over the AlphaEdit deltas applied to
+    ``model`` in apply order, and the number of those deltas. Memoised on ``ctx`` by application ids."""
+    state = alphaedit_state(ctx)
+    mk = ctx.model_key(model)
+    carrying = [
+        (d.application_id, d.extras)
+        for d in applied_deltas(model)
+        if any(name.startswith(KEYS_EXTRA) for name in d.extras)
+    ]
+    out: dict[int, torch.Tensor | None] = {}
+    for layer in layers:
+        name = f"{KEYS_EXTRA}{layer}"
+        keys = [(token, extras[name]) for token, extras in carrying if name in extras]
+        tokens = tuple(token for token, _ in keys)
+        memo = state["key_cache"].get((mk, layer))
+        total: torch.Tensor | None = None
+        start = 0
+        if memo is not None and len(memo[0]) <= len(tokens) and tokens[: len(memo[0])] == memo[0]:
+            start, total = len(memo[0]), memo[1]  # extend the memo: the same left fold as from scratch
+        for _, K in keys[start:]:
+            K64 = K.double().cpu()
+            inc = K64.T @ K64
+            total = inc if total is None else total + inc
+        if keys:
+            state["key_cache"][(mk, layer)] = (tokens, total)
+        else:
+            state["key_cache"].pop((mk, layer), None)
+        out[layer] = total
+    return out, len(carrying)
 
 
 def _bases(
@@ -122,8 +176,9 @@ def _bases(
 def compute_alphaedit(
     model, tok, requests: Sequence[EditRequest], config: AlphaEditConfig, ctx: EditContext | None = None
 ) -> EditDelta:
-    """The AlphaEdit (or AlphaEdit-BLUE) delta; with ``accumulate_keys`` the context's key cache grows by this
-    batch's ``K Kᵀ``. The model is left unchanged."""
+    """The AlphaEdit (or AlphaEdit-BLUE) delta, solved with the keys of the AlphaEdit deltas applied to ``model``;
+    with ``accumulate_keys`` it carries this batch's keys on the edited model (:data:`KEYS_EXTRA`). The model is left
+    unchanged, and so is every state that the returned delta could affect until it is applied."""
     ctx = ctx or EditContext()
     name = "AlphaEdit-BLUE" if config.strategy == "blue" else "AlphaEdit"
     if config.nullspace_mode not in NULLSPACE_MODES:
@@ -137,9 +192,7 @@ def compute_alphaedit(
     stages = plan_stages(layers, config.strategy, "linear")
     edited = [s.layer for s in stages]
     bases = _bases(model, tok, ctx, edited, config, name)
-    state = alphaedit_state(ctx)
-    mk = ctx.model_key(model)
-    prev = {l: state["key_cache"].get((mk, l)) for l in edited}
+    prev, n_previous = previous_key_moments(model, ctx, edited)
 
     def solve(layer, K, R):
         return projected_update_factors(
@@ -163,7 +216,7 @@ def compute_alphaedit(
     extra = {
         "alphaedit": {
             "nullspace_dims": {str(l): int(bases[l].shape[1]) for l in edited},
-            "previous_batches": int(state["batches"]),
+            "previous_batches": n_previous,
             "previous_key_energy": {
                 str(l): float(prev[l].trace()) if prev[l] is not None else 0.0 for l in edited
             },
@@ -179,18 +232,13 @@ def compute_alphaedit(
         layers=layers,
         extra_meta=extra,
     )
-    if config.accumulate_keys:  # commit only after everything succeeded
-        for l, K in result.after.items():
-            K64 = K.double().cpu()
-            inc = K64.T @ K64
-            old = state["key_cache"].get((mk, l))
-            state["key_cache"][(mk, l)] = inc if old is None else old + inc
-        state["batches"] += 1
+    if config.accumulate_keys:
+        delta.extras.update({f"{KEYS_EXTRA}{l}": K.detach().cpu().contiguous() for l, K in result.after.items()})
     return delta
 
 
 _PAPER = "Fang et al., AlphaEdit: Null-Space Constrained Knowledge Editing for Language Models, ICLR 2025"
-_ROLLBACK = "weights exact (LIFO); the context's key cache is not rolled back, and removing a middle edit needs a rebuild"
+_ROLLBACK = "exact (LIFO), key cache included (derived from the applied deltas); removing a middle edit needs a rebuild"
 register_method(
     "alphaedit",
     config=AlphaEditConfig,
