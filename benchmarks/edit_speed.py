@@ -129,7 +129,7 @@ def plain_rome_v(model, tok, adapter, request, layer: int, templates, cfg) -> tu
             nll = -logp.sum() / len(tgt) / n_rw
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum()
             loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm() / state["v0"].norm() ** 2
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if loss < cfg.early_stop_loss or it == cfg.steps - 1:
                 break
             loss.backward()
