@@ -40,6 +40,8 @@ head_only_logits=False)`` forces the plain computation.
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +94,9 @@ class TargetConfig:
     reuse_lower_layers: bool = True
     #: apply the LM head only at the positions the loss reads (exact)
     head_only_logits: bool = True
+    #: compute the positions before the subject's last token once per edit (key/value cache) and run only the
+    #: later positions every step (exact)
+    reuse_prefix: bool = True
 
     def __post_init__(self) -> None:
         clamps = {"clamp_norm_factor": self.clamp_norm_factor}
@@ -204,7 +209,7 @@ def optimize_targets(
             if r.kind == "rewrite":
                 n_rewrite[r.req] += 1
         plan = _make_plan(model, adapter, sites, paths, config, rows, pid, device)
-        if plan.start or plan.head is not None:
+        if plan.start or plan.head is not None or plan.cache_kw is not None:
             plan = _checked(model, plan, _Plan(hooked={p: s for s, p in paths.items()}), plain[:16] + kl_rows[:16], init,
                             kl_init, pid, device, n, n_rewrite)
         delta = {s: torch.zeros_like(init[s], requires_grad=True) for s in sites}
@@ -220,8 +225,9 @@ def optimize_targets(
         for it in range(config.steps):
             if chunks_for is None or not torch.equal(chunks_for, done):
                 chunks = _length_buckets([r for r in rows if not done[r.req]], config.max_rows,
-                                         config.chunk_overhead_tokens)
+                                         config.chunk_overhead_tokens, by_prefix=plan.cache_kw is not None)
                 chunks_for = done.clone()
+                plan.prefixes.clear()
             nll = torch.zeros(n, device=device)
             kl = torch.zeros(n, device=device)
             argmax_ok = torch.ones(n, dtype=torch.bool, device=device)
@@ -285,36 +291,43 @@ def optimize_targets(
     )
 
 
-def _length_buckets(rows: list[_Row], max_rows: int, overhead_tokens: float = 256.0) -> list[list[_Row]]:
+def _length_buckets(
+    rows: list[_Row], max_rows: int, overhead_tokens: float = 256.0, *, by_prefix: bool = False
+) -> list[list[_Row]]:
     """``rows`` cut into forward chunks that minimise a cost model of the forward/backward passes.
 
-    A chunk of ``k`` rows padded to width ``w`` costs ``overhead_tokens + k·w`` (a fixed per-pass cost -- kernel
-    launches, mask building, Python -- plus every padded token, which costs as much as a real one on a
-    compute-bound device). Rows are sorted by length and the contiguous partition of minimal total cost is found
-    by dynamic programming over the distinct lengths; a segment of more than ``max_rows`` rows (the memory
-    bound) is cut into ``max_rows``-row chunks and pays one overhead per chunk. So a single request's handful of
-    rows runs as one padded chunk (several small passes cost more than the padding), while a large batch is cut
-    into chunks of similar length. The optimisation result does not depend on the chunking (per-request losses
-    are summed)."""
+    A chunk of ``k`` rows padded to ``w`` positions costs ``overhead_tokens + k·w`` (a fixed per-pass cost --
+    kernel launches, mask building, Python -- plus every padded position, which costs as much as a real one on a
+    compute-bound device). A row's size is its length, or with ``by_prefix`` (the positions before the subject's
+    last token come from a cache) its length from the subject's last token on. Rows are sorted by size and the
+    contiguous partition of minimal total cost is found by dynamic programming over the distinct sizes; a
+    segment of more than ``max_rows`` rows (the memory bound) is cut into ``max_rows``-row chunks and pays one
+    overhead per chunk. So a single request's handful of rows runs as one padded chunk (several small passes
+    cost more than the padding), while a large batch is cut into chunks of similar size. The optimisation
+    result does not depend on the chunking (per-request losses are summed)."""
     if not rows:
         return []
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    order = sorted(rows, key=lambda r: len(r.ids))
-    lengths = sorted({len(r.ids) for r in order})
-    count = {w: 0 for w in lengths}
+
+    def size(r: _Row) -> int:
+        return len(r.ids) - r.subj if by_prefix else len(r.ids)
+
+    order = sorted(rows, key=size)
+    sizes = sorted({size(r) for r in order})
+    count = dict.fromkeys(sizes, 0)
     for r in order:
-        count[len(r.ids)] += 1
+        count[size(r)] += 1
     cum = [0]
-    for w in lengths:
+    for w in sizes:
         cum.append(cum[-1] + count[w])
-    g = len(lengths)
+    g = len(sizes)
     best = [0.0] + [float("inf")] * g
     cut = [0] * (g + 1)
-    for j in range(1, g + 1):  # segments cover length groups [i, j), padded to lengths[j - 1]
+    for j in range(1, g + 1):  # a segment covers the sizes [i, j), padded to sizes[j - 1]
         for i in range(j):
             k = cum[j] - cum[i]
-            cost = best[i] + -(-k // max_rows) * overhead_tokens + k * lengths[j - 1]
+            cost = best[i] + -(-k // max_rows) * overhead_tokens + k * sizes[j - 1]
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     bounds = []
@@ -344,6 +357,8 @@ class _Plan:
     cache: dict[int, torch.Tensor] = field(default_factory=dict)  #: row index -> states entering block ``start``
     norm: nn.Module | None = None  #: final norm, whose output the LM head is applied to (head-only logits)
     head: nn.Module | None = None
+    cache_kw: str | None = None  #: the forward's key/value-cache argument when the prefix is reused, else None
+    prefixes: dict[tuple[int, ...], object] = field(default_factory=dict)  #: chunk rows -> prefix cache
 
 
 def _first_block(adapter: ArchAdapter, site: Site) -> int:
@@ -372,6 +387,9 @@ def _make_plan(
         norm=norm if config.head_only_logits else None,
         head=adapter.module(model, "unembed") if config.head_only_logits else None,
     )
+    if config.reuse_prefix:
+        params = inspect.signature(model.forward).parameters
+        plan.cache_kw = next((k for k in ("cache", "past_key_values") if k in params), None)
     if start == 0:
         return plan
     blocks = model.get_submodule(adapter.path("layers"))
@@ -469,9 +487,38 @@ def _chunk_losses(
     n_rewrite: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-request NLL (mean over the request's rewrite rows) and KL summed over this chunk's rows."""
-    ids, mask = pad_batch([r.ids for r in chunk], pid, device)
     req = torch.tensor([r.req for r in chunk], device=device)
-    subj = torch.tensor([r.subj for r in chunk], device=device)
+    # With a reused prefix the rows are aligned on the subject's last token (left padding, explicit position
+    # ids): the `pre` columns before it see no δ and come from a key/value cache built once per chunk, and each
+    # step runs only the columns from the subject's last token on. Token t of row b sits at run column
+    # t + shift[b].
+    pre = max(r.subj for r in chunk) if plan.cache_kw is not None else 0
+    offs = [pre - r.subj for r in chunk] if plan.cache_kw is not None else [0] * len(chunk)
+    width = max(o + len(r.ids) for o, r in zip(offs, chunk))
+    ids = torch.full((len(chunk), width), pid, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    pos = torch.zeros((len(chunk), width), dtype=torch.long)
+    for b, (o, r) in enumerate(zip(offs, chunk)):
+        ids[b, o : o + len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        mask[b, o : o + len(r.ids)] = 1
+        pos[b, o : o + len(r.ids)] = torch.arange(len(r.ids))
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    shift = [o - pre for o in offs]
+    run: dict[str, object] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    if plan.cache_kw is not None:
+        run = {"input_ids": ids[:, pre:], "attention_mask": mask, "position_ids": pos[:, pre:], "use_cache": False}
+    if pre > 0:
+        key = tuple(r.index for r in chunk)
+        if key not in plan.prefixes:
+            from transformers import DynamicCache
+
+            prefix_cache = DynamicCache()
+            with torch.no_grad():
+                model(input_ids=ids[:, :pre], attention_mask=mask[:, :pre], position_ids=pos[:, :pre],
+                      use_cache=True, **{plan.cache_kw: prefix_cache})
+            plan.prefixes[key] = prefix_cache
+        run.update({"use_cache": True, plan.cache_kw: copy.deepcopy(plan.prefixes[key])})
+    subj = torch.tensor([r.subj + sh for r, sh in zip(chunk, shift)], device=device)
     rows_idx = torch.arange(len(chunk), device=device)
 
     def bump(out: torch.Tensor, site: Site) -> torch.Tensor:
@@ -489,7 +536,10 @@ def _chunk_losses(
     tr = None
     with contextlib.ExitStack() as stack:
         if plan.start and plan.blocks is not None:
-            states = torch.nn.utils.rnn.pad_sequence([plan.cache[r.index] for r in chunk], batch_first=True)
+            states = torch.nn.utils.rnn.pad_sequence(
+                [plan.cache[r.index][-sh:] if sh else plan.cache[r.index] for r, sh in zip(chunk, shift)],
+                batch_first=True,
+            )
             for s in plan.entry:
                 states = states + bump(states, s)
             stack.enter_context(_replayed(plan.blocks, plan.start, states, plan.out_len))
@@ -498,7 +548,7 @@ def _chunk_losses(
                 trace(model, traced, retain_output=plan.head is not None, edit_output=add_delta,
                       detach=False, stop=plan.head is not None)
             )
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits = model(**run).logits
     # the positions the loss reads: every target token of the rewrite rows, the subject's last token of KL rows
     rw = [i for i, r in enumerate(chunk) if r.kind == "rewrite"]
     kr = [i for i, r in enumerate(chunk) if r.kind == "kl"]
@@ -507,13 +557,13 @@ def _chunk_losses(
         r = chunk[i]
         for t, tid in enumerate(r.tgt):
             b_idx.append(i)
-            t_idx.append(r.tgt_start + t)
+            t_idx.append(r.tgt_start + t + shift[i])
             tgt.append(tid)
             owner.append(r.req)
             tok_w.append(1.0 / len(r.tgt))
     n_tgt = len(b_idx)
     b_idx += kr
-    t_idx += [chunk[i].subj for i in kr]
+    t_idx += [chunk[i].subj + shift[i] for i in kr]
     b_t, t_t = torch.tensor(b_idx, device=device, dtype=torch.long), torch.tensor(t_idx, device=device, dtype=torch.long)
     if logits is None:  # head-only: the forward stopped after the final norm
         assert tr is not None and plan.head is not None
