@@ -95,7 +95,14 @@ def load_testbed_model(
     if device is not None:
         model = model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except ValueError:
+        # the assets were saved by transformers 5 (tokenizer class "TokenizersBackend"); 4.x reads the same
+        # tokenizer.json as a PreTrainedTokenizerFast (without token_type_ids, which GPT-2 would embed)
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, model_input_names=["input_ids", "attention_mask"])
     return model, tokenizer
 
 
