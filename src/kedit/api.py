@@ -93,7 +93,8 @@ def context_window(model: nn.Module) -> int | None:
 
 
 def _n_tokens(tok, text: str) -> int:
-    return len(tok(text, add_special_tokens=True)["input_ids"])
+    # verbose=False: counting is how we find over-long prompts, the tokenizer need not warn about them
+    return len(tok(text, add_special_tokens=True, verbose=False)["input_ids"])
 
 
 def request_too_long(

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from kedit import __version__
 from kedit.cli_common import (
@@ -58,8 +59,9 @@ def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level to stderr."),
 ) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s"
+    logging.basicConfig(  # force: each invocation logs to the stderr it has (tests invoke the app many times)
+        level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s",
+        force=True,
     )
 
 
@@ -73,13 +75,20 @@ def _load(model: str) -> tuple[Any, Any]:
     return load_or_fail(model, **check_model_available(model))
 
 
-def methods_table(specs: list[Any]) -> Table:
-    """The ``kedit methods`` table (user text shown literally; readable at 80 columns)."""
-    table = Table(title="kedit methods", expand=False)
+def methods_table(specs: list[Any], width: int = 200) -> Table:
+    """The ``kedit methods`` table (user text shown literally). Below 120 columns the summary, paper and rollback
+    share one column, one method per block, so nothing is cut at 80 columns."""
+    table = Table(title="kedit methods", show_lines=width < 120)
     table.add_column("method", no_wrap=True)
-    table.add_column("summary", ratio=3, overflow="fold")
-    table.add_column("paper", ratio=2, overflow="fold")
-    table.add_column("rollback", ratio=1, overflow="fold")
+    if width < 120:
+        table.add_column("summary · paper · rollback")
+        for s in specs:
+            table.add_row(cell(s.name), Text.assemble(s.summary, "\n", (s.paper, "dim"), "\n",
+                                                       ("rollback: " + s.rollback, "dim")))
+        return table
+    table.add_column("summary", min_width=24)
+    table.add_column("paper", min_width=16)
+    table.add_column("rollback")
     for s in specs:
         table.add_row(cell(s.name), cell(s.summary), cell(s.paper), cell(s.rollback))
     return table
@@ -97,7 +106,7 @@ def methods(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) 
                          "rollback": s.rollback, "batched": s.batched} for s in specs]) + "\n"
         )
         return
-    out.print(methods_table(specs))
+    out.print(methods_table(specs, out.width))
 
 
 def edit_table(title: str, result: Any, limit: int = 20) -> Table:
@@ -433,6 +442,10 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _entries(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
+
+
 @cache_app.command("ls")
 def cache_ls(
     directory: Optional[Path] = typer.Option(None, "--dir", help="A statistics directory (default: the kedit cache)."),
@@ -458,7 +471,7 @@ def cache_ls(
         table.add_row(e["key"][:12], cell((e.get("model_key") or "?")[:12]), cell(e.get("module") or e.get("layer")),
                       cell(e.get("n_tokens")), cell((e.get("corpus") or "")[:24]), _size(e["bytes"]))
     out.print(table)
-    out.print(cell(f"{len(entries)} entries, {_size(total)} in {root}"))
+    out.print(cell(f"{_entries(len(entries))}, {_size(total)} in {root}"))
 
 
 @cache_app.command("rm")
@@ -478,7 +491,7 @@ def cache_rm(
     except KeyError as e:
         fail(str(e.args[0]))
         return
-    out.print(cell(f"removed {len(removed)} entries ({_size(sum(e['bytes'] for e in removed))})"))
+    out.print(cell(f"removed {_entries(len(removed))} ({_size(sum(e['bytes'] for e in removed))})"))
 
 
 @delta_app.command("inspect")

@@ -155,7 +155,7 @@ def check_model_available(model: str) -> dict[str, Any]:
 
     if model in TESTBED_MODELS or Path(model).expanduser().is_dir():
         return {}
-    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1) or model.endswith("/"):
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith("/"):
         fail(f"model {model!r}: no such directory")
     cached = _in_hf_cache(model)
     if _hub_offline():
@@ -173,8 +173,11 @@ def check_model_available(model: str) -> dict[str, Any]:
 
 
 def load_or_fail(model: str, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers.utils import logging as hf_logging
+
     from kedit.api import load_model
 
+    hf_logging.disable_progress_bar()  # the CLI shows its own status line; no "Loading weights" bar
     try:
         with err.status(f"loading {escape(model)}"):
             return load_model(model, **kwargs)
