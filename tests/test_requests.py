@@ -70,5 +70,5 @@ def test_from_dict_rejects_unknown_and_missing_fields():
         EditRequest.from_dict({"prompt": "{} is", "subject": "a", "target_new": "b", "tagret": 1})
     with pytest.raises(RequestError, match="missing required"):
         EditRequest.from_dict({"prompt": "{} is", "subject": "a"})
-    with pytest.raises(RequestError, match="request #1"):
+    with pytest.raises(RequestError, match="request 2"):
         as_requests([{"prompt": "{} is", "subject": "a", "target_new": "b"}, {"prompt": "x"}])

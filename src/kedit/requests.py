@@ -215,11 +215,12 @@ class EditRequest:
 
 
 def as_requests(items: Sequence[EditRequest | Mapping[str, Any]]) -> list[EditRequest]:
-    """Coerce a list of requests or dicts to :class:`EditRequest` objects, naming the bad index on error."""
+    """Coerce a list of requests or dicts to :class:`EditRequest` objects, naming the bad one on error by its
+    1-based position (``request 3`` is ``items[2]``; the message already names its ``case_id`` when it has one)."""
     out = []
     for i, item in enumerate(items):
         try:
             out.append(item if isinstance(item, EditRequest) else EditRequest.from_dict(item))
         except RequestError as err:
-            raise RequestError(f"request #{i}: {err}") from None
+            raise RequestError(f"request {i + 1}: {err}") from None
     return out

@@ -283,3 +283,69 @@ def test_corrupt_or_mismatched_cache_file_recomputed(bases, tok, tmp_path, caplo
         third = StatsCache(tmp_path).get(model, tok, [1], TEXTS, n_tokens=40)
     assert third[1].mean.shape == first[1].mean.shape
     assert any("does not match" in r.getMessage() for r in caplog.records)
+
+
+# -- the cache key ignores how the tokenizer was last called (issue #11 item 8b) -----------------------------------
+def test_tokenizer_key_ignores_truncation_and_padding_state():
+    from kedit.core.stats import _tokenizer_key
+
+    tok = tiny_tokenizer()
+    before = _tokenizer_key(tok)
+    tok("word " * 40, truncation=True, max_length=8)
+    assert tok.backend_tokenizer.truncation is not None  # the call did change the backend's serialised state
+    assert _tokenizer_key(tok) == before
+    tok(["a", "a b c"], padding=True)
+    assert _tokenizer_key(tok) == before
+    # ... but what decides the ids still counts
+    tok.add_tokens(["zzqq_new_token"])
+    assert _tokenizer_key(tok) != before
+
+
+def test_lookup_after_a_statistics_pass_hits(bases, tmp_path, monkeypatch):
+    import kedit.core.stats as S
+
+    calls = []
+    orig = S._collect_encoded
+    monkeypatch.setattr(S, "_collect_encoded", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    model, tok = bases("gpt2"), tiny_tokenizer()  # a fresh tokenizer: truncation off, as in a new process
+    first = StatsCache(tmp_path).get(model, tok, [0], TEXTS, n_tokens=40, corpus_id="tiny")
+    assert calls == [1]
+    # the pass switched truncation on in `tok`; a new process (fresh tokenizer) and this one must both hit the file
+    for t in (tok, tiny_tokenizer()):
+        again = StatsCache(tmp_path).get(model, t, [0], TEXTS, n_tokens=40, corpus_id="tiny")
+        assert torch.equal(again[0].mean, first[0].mean)
+    assert calls == [1]
+    assert len(StatsCache(tmp_path).entries()) == 1
+
+
+def test_entries_and_remove(bases, tmp_path):
+    model, tok = bases("gpt2"), tiny_tokenizer()
+    cache = StatsCache(tmp_path)
+    cache.get(model, tok, [0, 1], TEXTS, n_tokens=30, corpus_id="tiny")
+    entries = cache.entries()
+    assert sorted(int(e["layer"]) for e in entries) == [0, 1]
+    assert all(e["bytes"] == (tmp_path / f"{e['key']}.safetensors").stat().st_size > 0 for e in entries)
+    assert all(e["n_tokens"] == "30" and e["corpus"] == "id:tiny" for e in entries)
+    with pytest.raises(KeyError):
+        cache.remove([""])  # an ambiguous prefix removes nothing
+    assert len(cache.entries()) == 2
+    (gone,) = cache.remove([entries[0]["key"][:10]])
+    assert gone["key"] == entries[0]["key"] and [e["key"] for e in cache.entries()] == [entries[1]["key"]]
+    assert len(cache.remove()) == 1 and cache.entries() == []
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from kedit.core.context import EditContext
+    from kedit.core.stats import default_cache_dir, default_stats_dir
+
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "k"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert default_cache_dir() == tmp_path / "k" and default_stats_dir() == tmp_path / "k" / "stats"
+    assert EditContext.with_default_cache().stats.directory == tmp_path / "k" / "stats"
+    monkeypatch.delenv("KEDIT_CACHE")
+    assert default_cache_dir() == tmp_path / "x" / "kedit"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "kedit"
+    assert not (tmp_path / "k").exists()  # nothing is created until something is written

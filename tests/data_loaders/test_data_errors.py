@@ -32,7 +32,11 @@ def test_bad_target_strict_names_file_index_field(malformed_dir):
     err = info.value
     assert isinstance(err, ValueError)
     assert (err.path, err.index, err.field) == (str(path), 1, "requested_rewrite.target_new.str")
-    assert str(err) == f"{path}, record #1, field 'requested_rewrite.target_new.str': missing required field"
+    # named by its own case_id and its 1-based position (the second record; err.index stays 0-based)
+    assert err.case_id == "2"
+    assert str(err) == (
+        f"{path}, case 2 (record 2), field 'requested_rewrite.target_new.str': missing required field"
+    )
 
 
 def test_bad_target_collect_keeps_the_rest(malformed_dir, caplog):
@@ -41,7 +45,7 @@ def test_bad_target_collect_keeps_the_rest(malformed_dir, caplog):
         reqs, problems = load_requests(path, errors="collect")
     assert [r.case_id for r in reqs] == ["1", "3"]
     assert problems == [
-        RecordProblem(str(path), 1, "requested_rewrite.target_new.str", "missing required field")
+        RecordProblem(str(path), 1, "requested_rewrite.target_new.str", "missing required field", case_id="2")
     ]
     assert "skipped 1 of 3" in caplog.text
     assert reqs[1].neighborhood == (Probe("Epsilon Person is a citizen of", "Peru", "neighborhood"),)
@@ -56,7 +60,7 @@ def test_jsonl_bad_line_and_missing_field(malformed_dir):
     reqs, problems = load_requests(path, errors="collect")
     assert [r.subject for r in reqs] == ["Alpha Corp", "Gamma Corp"]
     assert [(p.index, p.field) for p in problems] == [(1, None), (3, "alt")]
-    assert str(problems[1]) == f"{path}, record #3, field 'alt': missing required field"
+    assert str(problems[1]) == f"{path}, record 4, field 'alt': missing required field"  # no case_id: 1-based
     assert reqs[1].neighborhood == ()  # no loc in that record
     assert load_requests(path, limit=1)[0].target_new == "bread"  # limit stops before the bad line
 
@@ -71,7 +75,7 @@ def test_knowedit_bad_nested_field(malformed_dir):
 
 
 def test_mquake_missing_new_answer(malformed_dir):
-    with pytest.raises(DataFormatError, match=r"record #0, field 'new_answer': missing required field"):
+    with pytest.raises(DataFormatError, match=r"case 9 \(record 1\), field 'new_answer': missing required field"):
         load_dataset(malformed_dir / "mquake_missing_answer.json")
 
 
@@ -219,7 +223,7 @@ def test_parse_records_in_memory():
     ds = parse_records(recs, source="mine")
     assert ds.format == "easyedit" and ds.path == "mine"
     assert ds[0].prompt == "The capital of {} is" and ds[0].target_true == "Paris"
-    with pytest.raises(DataFormatError, match=r"^mine, record #0, field 'subject'"):
+    with pytest.raises(DataFormatError, match=r"^mine, record 1, field 'subject'"):
         parse_records([{**recs[0], "subject": "Spain"}], source="mine")
 
 
@@ -276,5 +280,5 @@ def test_sanitation_train_split_shape():
     assert "subject_is_question" not in r.extra
     assert ds.shared_locality == (Probe("Who wrote Hamlet?", "Shakespeare", "locality"),)
     bad = {"success": [{"question": "Q?", "ground_truth": "A"}], "locality": []}
-    with pytest.raises(DataFormatError, match=r"record success\[0\], field 'target_new'"):
+    with pytest.raises(DataFormatError, match=r"record 1 of 'success', field 'target_new'"):
         parse_records(bad)

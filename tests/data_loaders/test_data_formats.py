@@ -132,7 +132,7 @@ def test_zsre_subject_replace_and_case_quirk(data_dir):
     assert fixed.extra["dataset_subject"] == "Saint Columba Altarpiece"
     assert fixed.text == "What material was used for Saint Columba altarpiece?"
     assert str(problems[0]).endswith(
-        "record #17, field 'subject': subject 'Rio Grande 463' does not occur in src "
+        "record 18, field 'subject': subject 'Rio Grande 463' does not occur in src "
         "'By which company, D&RGW 463 has been manufactured?' (not even ignoring case)"
     )
 

@@ -494,3 +494,65 @@ def test_report_marks_cells_measured_under_another_metric_version(model, tok, tm
     rows = table_rows(load_runs([a, b]), ["reliability/token_acc", "generalization/token_acc"])
     assert "(as" not in rows[0][1] and "(as" not in rows[1][2]
     assert rows[1][1].endswith("(as reliability/token_acc@v0)")
+
+
+# -- records too long for the context window; per-record failures (issue #16 items 3 and 7) --------------------------
+WIKIBIO = os.path.join(os.path.dirname(__file__), "..", "data", "knowedit", "WikiBio", "wikibio-test-all_sample.json")
+
+
+def test_too_long_records_are_skipped_and_the_rest_evaluated(tmp_path):
+    from kedit.data import load_requests
+    from kedit.eval.runner import too_long_records
+    from kedit.testbed import load_testbed_model
+
+    model, tok = load_testbed_model("gpt2")  # 128 positions; WikiBio passages run to 350 tokens
+    before = _state(model)
+    reqs = load_requests(WIKIBIO, limit=20)
+    cfg = EvalConfig(**FAST)
+    long = too_long_records(model, tok, reqs, cfg)
+    n_prompt = [len(tok(r.text, verbose=False)["input_ids"]) for r in reqs]
+    assert {i for i, n in enumerate(n_prompt) if n > 128} <= set(long)  # every prompt over the window, at least
+    assert 0 < len(long) < len(reqs)
+    run = run_eval(model, tok, reqs, "eval-test-boost", config=cfg, out_dir=tmp_path / "r")
+    s = run.summary
+    assert (s["n_evaluated"], s["n_skipped"], s["n_errors"]) == (len(reqs), len(long), 0)
+    assert s["metrics"]["reliability"]["n"] == len(reqs) - len(long)
+    rows = [r for r in run.records if r.get("skipped")]
+    assert sorted(r["index"] for r in rows) == sorted(long)
+    assert all("context window of 128" in r["error"] and not r["metrics"] for r in rows)
+    e = s["errors"][0]
+    assert e["record"] == e["index"] + 1 and e["case_id"] == reqs[e["index"]].case_id and e["skipped"]
+    assert _same(before, _state(model))
+
+
+def test_cli_eval_reports_skipped_records(tmp_path):
+    from typer.testing import CliRunner
+
+    from kedit.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--model", "testbed-gpt2", "--method", "eval-test-boost", "--data",
+                                   WIKIBIO, "--limit", "12", "--out", str(tmp_path / "run"), "--max-new-tokens",
+                                   "4", "--fluency-tokens", "6", "--ppl-n", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["n"] == 12 and 0 < summary["n_skipped"] < 12 and summary["n_errors"] == 0
+
+
+def test_on_error_record_catches_measurement_failures(model, tok, tmp_path, monkeypatch):
+    import kedit.eval.runner as R
+
+    orig = R.observe
+
+    def flaky(m, t, requests, *a, **kw):
+        if kw.get("pre") is not None and any(r.case_id == "1" for r in requests):
+            raise IndexError("index out of range in self")
+        return orig(m, t, requests, *a, **kw)
+
+    monkeypatch.setattr(R, "observe", flaky)
+    with pytest.raises(IndexError):
+        run_eval(model, tok, _reqs(3), "eval-test-boost", config=EvalConfig(**FAST), out_dir=tmp_path / "a")
+    run = run_eval(model, tok, _reqs(3), "eval-test-boost", config=EvalConfig(protocol="batch/v1", batch_size=3,
+                   on_error="record", **FAST), out_dir=tmp_path / "b")
+    assert run.summary["n_errors"] == 1 and run.summary["metrics"]["reliability"]["n"] == 2
+    (e,) = run.summary["errors"]
+    assert (e["record"], e["case_id"]) == (2, "1") and "measurement failed: IndexError" in e["error"]

@@ -118,3 +118,11 @@ class EditContext:
     @classmethod
     def with_cache_dir(cls, directory: str | Path, **kw: Any) -> EditContext:
         return cls(stats=StatsCache(directory), **kw)
+
+    @classmethod
+    def with_default_cache(cls, **kw: Any) -> EditContext:
+        """A context whose statistics persist in kedit's default cache (:func:`kedit.core.stats.default_stats_dir`:
+        ``$KEDIT_CACHE``, else ``$XDG_CACHE_HOME/kedit``, else ``~/.cache/kedit``), as the command line uses."""
+        from kedit.core.stats import default_stats_dir
+
+        return cls.with_cache_dir(default_stats_dir(), **kw)

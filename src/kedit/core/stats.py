@@ -9,7 +9,16 @@ the deepest requested layer), over every non-pad token, accumulated in fp64 by d
 :class:`StatsCache` is an explicit cache object (no globals): it returns cached layers and computes only the missing
 ones, in one pass. Entries are keyed by (model key, layer and module path, corpus hash, n_tokens, dtype, max_length,
 tokenizer hash) and stored in memory and, if a directory is given, as ``<key-hash>.safetensors`` files whose
-metadata is validated on read.
+metadata is validated on read. Files are written to a temporary name and renamed into place, so concurrent runs
+sharing a directory never read half a file (at worst both compute the same entry, and one rename wins).
+
+The tokenizer hash covers what decides the token ids -- vocabulary, merges, normaliser, pre-tokeniser, added and
+special tokens -- but not the truncation and padding settings a fast tokenizer's backend carries: calling the
+tokenizer with ``truncation=True`` (as the statistics pass does) changes those, and must not change the key.
+
+The command line keeps statistics in a persistent default cache, :func:`default_stats_dir` (``$KEDIT_CACHE``, else
+``$XDG_CACHE_HOME/kedit``, else ``~/.cache/kedit``, then ``stats/``), the way Hugging Face caches downloads; the
+Python API stays in memory unless given a directory (:meth:`kedit.core.context.EditContext.with_default_cache`).
 
 Corpus hashing
 --------------
@@ -46,7 +55,15 @@ from kedit.core.batching import pad_id as _pad_id  # a local `pad_id` holds the 
 from kedit.fingerprint import model_fingerprint
 from kedit.hooks import trace
 
-__all__ = ["SecondMoment", "StatsCache", "collect_second_moments", "corpus_hash", "default_max_length"]
+__all__ = [
+    "SecondMoment",
+    "StatsCache",
+    "collect_second_moments",
+    "corpus_hash",
+    "default_cache_dir",
+    "default_max_length",
+    "default_stats_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +132,43 @@ def corpus_hash(texts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def default_cache_dir() -> Path:
+    """kedit's cache root: ``$KEDIT_CACHE``, else ``$XDG_CACHE_HOME/kedit``, else ``~/.cache/kedit`` (not created)."""
+    explicit = os.environ.get("KEDIT_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "kedit"
+
+
+def default_stats_dir() -> Path:
+    """Where the command line keeps second-moment statistics: ``default_cache_dir() / "stats"``."""
+    return default_cache_dir() / "stats"
+
+
+#: backend state that changes with how the tokenizer is *called*, not with the ids it produces
+_TOKENIZER_CALL_STATE = ("truncation", "padding")
+
+
+def _backend_state(backend: Any) -> str:
+    text = backend.to_str()
+    try:
+        state = json.loads(text)
+    except ValueError:  # pragma: no cover - to_str is JSON for every tokenizers release
+        return text
+    if isinstance(state, dict):
+        for k in _TOKENIZER_CALL_STATE:
+            state.pop(k, None)
+    return json.dumps(state, sort_keys=True)
+
+
 def _tokenizer_key(tokenizer: Any) -> str:
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
-        h.update(backend.to_str().encode())
+        h.update(_backend_state(backend).encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str).encode())
@@ -289,6 +337,44 @@ class StatsCache:
 
     def __len__(self) -> int:
         return len(self._memory)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The entries on disk (oldest first): ``key``, ``path``, ``bytes`` and their metadata (``model_key``,
+        ``layer``, ``module``, ``n_tokens``, ``dtype``, ``corpus``, ...). Only the file headers are read."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        from safetensors import SafetensorError, safe_open
+
+        out = []
+        for path in sorted(self.directory.glob("*.safetensors"), key=lambda p: (p.stat().st_mtime, p.name)):
+            entry: dict[str, Any] = {"key": path.stem, "path": str(path), "bytes": path.stat().st_size}
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+            except (SafetensorError, OSError, ValueError):
+                meta = {"format": "unreadable"}
+            entry.update({k: v for k, v in meta.items() if k not in ("key", "path", "bytes")})
+            out.append(entry)
+        return out
+
+    def remove(self, keys: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Delete entries from disk (and memory): every entry if ``keys`` is ``None``, else those whose key starts
+        with one of ``keys`` (each must match exactly one entry). Returns the removed entries."""
+        entries = self.entries()
+        if keys is None:
+            chosen = entries
+        else:
+            chosen = []
+            for k in keys:
+                hits = [e for e in entries if e["key"].startswith(k)]
+                if len(hits) != 1:
+                    raise KeyError(f"{k!r} matches {len(hits)} cache entries in {self.directory}; give a unique key "
+                                   "prefix (see `kedit cache ls`)")
+                chosen.extend(hits)
+        for e in chosen:
+            Path(e["path"]).unlink(missing_ok=True)
+            self._memory.pop(e["key"], None)
+        return chosen
 
     def clear_memory(self) -> None:
         self._memory.clear()

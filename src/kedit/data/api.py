@@ -131,6 +131,8 @@ def _convert_all(
 ) -> list[Any]:
     out: list[Any] = []
     for i, item in enumerate(items):
+        cid = item.get("case_id") if isinstance(item, Mapping) else None
+        cid = None if cid is None or isinstance(cid, (dict, list)) else str(cid)
         try:
             if isinstance(item, _BadLine):
                 raise FieldError(None, item.reason)
@@ -138,11 +140,13 @@ def _convert_all(
                 raise FieldError(None, f"expected a JSON object, got {type(item).__name__}")
             out.extend(convert(item, i))
         except FieldError as err:
-            error = DataFormatError(path, err.reason + hint(i), index=i, field=err.field, section=section)
+            error = DataFormatError(path, err.reason + hint(i), index=i, field=err.field, section=section,
+                                    case_id=cid)
         except RequestError as err:  # a converter let one through: still name the record
-            error = DataFormatError(path, str(err) + hint(i), index=i, section=section)
+            error = DataFormatError(path, str(err) + hint(i), index=i, section=section, case_id=cid)
         except (TypeError, ValueError, KeyError, AttributeError) as err:
-            error = DataFormatError(path, f"{type(err).__name__}: {err}" + hint(i), index=i, section=section)
+            error = DataFormatError(path, f"{type(err).__name__}: {err}" + hint(i), index=i, section=section,
+                                    case_id=cid)
         else:
             continue
         if errors == "raise":

@@ -7,10 +7,15 @@ from dataclasses import dataclass
 __all__ = ["DataFormatError", "RecordProblem", "UnsupportedForEditingError"]
 
 
-def _location(path: str, index: int | None, section: str | None, field: str | None) -> str:
+def _location(
+    path: str, index: int | None, section: str | None, field: str | None, case_id: str | None = None
+) -> str:
+    """``<file>, case <case_id> (record <n>), field '<field>'`` -- ``n`` is 1-based (the third record is
+    ``record 3``); ``case`` only when the record carries a ``case_id``."""
     parts = [path]
     if index is not None:
-        parts.append(f"record {section}[{index}]" if section else f"record #{index}")
+        where = f"record {index + 1}" + (f" of {section!r}" if section else "")
+        parts.append(f"case {case_id} ({where})" if case_id is not None else where)
     elif section:
         parts.append(f"section {section!r}")
     if field:
@@ -23,8 +28,10 @@ class DataFormatError(ValueError):
 
     Attributes:
         path: the file (or ``"<memory>"`` / the ``source`` given to :func:`~kedit.data.parse_records`).
-        index: 0-based position of the bad record in the file (``None`` for file-level problems). For JSON Lines
-            this is the record number, not the line number (blank lines are skipped).
+        index: 0-based position of the bad record in the file (``None`` for file-level problems); messages show
+            it 1-based (``record 3`` is ``index == 2``). For JSON Lines this is the record number, not the line
+            number (blank lines are skipped).
+        case_id: the record's own ``case_id`` when it has one (messages then name ``case <case_id>`` first).
         field: the offending field in the dataset's own naming, dotted for nested keys
             (``"requested_rewrite.target_new.str"``, ``"locality.Relation_Specificity[0].ground_truth"``).
         section: for files holding several record lists (KnowEdit Sanitation: ``"success"``), which list.
@@ -39,13 +46,15 @@ class DataFormatError(ValueError):
         index: int | None = None,
         field: str | None = None,
         section: str | None = None,
+        case_id: str | None = None,
     ) -> None:
         self.path = path
         self.index = index
         self.field = field
         self.section = section
         self.reason = reason
-        super().__init__(f"{_location(path, index, section, field)}: {reason}")
+        self.case_id = case_id
+        super().__init__(f"{_location(path, index, section, field, case_id)}: {reason}")
 
 
 class UnsupportedForEditingError(DataFormatError):
@@ -61,15 +70,16 @@ class RecordProblem:
     field: str | None
     reason: str
     section: str | None = None
+    case_id: str | None = None
 
     def __str__(self) -> str:
-        return f"{_location(self.path, self.index, self.section, self.field)}: {self.reason}"
+        return f"{_location(self.path, self.index, self.section, self.field, self.case_id)}: {self.reason}"
 
     @classmethod
     def from_error(cls, err: DataFormatError) -> RecordProblem:
-        return cls(err.path, err.index, err.field, err.reason, err.section)
+        return cls(err.path, err.index, err.field, err.reason, err.section, getattr(err, "case_id", None))
 
     def to_error(self) -> DataFormatError:
         return DataFormatError(
-            self.path, self.reason, index=self.index, field=self.field, section=self.section
+            self.path, self.reason, index=self.index, field=self.field, section=self.section, case_id=self.case_id
         )

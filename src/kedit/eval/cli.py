@@ -1,6 +1,6 @@
-"""``kedit eval`` and ``kedit report`` (registered on the main Typer app by :func:`register`)."""
-
-
+"""``kedit eval`` and ``kedit report`` (registered on the main Typer app by :func:`register`, which
+:mod:`kedit.cli` calls when it is imported). The shared helpers come from :mod:`kedit.cli_common`, so this module
+never imports :mod:`kedit.cli`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def _summary_json(summary: dict[str, Any]) -> dict[str, Any]:
         "model": summary["model"],
         "n": summary["n_evaluated"],
         "n_errors": summary["n_errors"],
+        "n_skipped": summary.get("n_skipped", 0),
         "subject_conflicts": summary.get("subject_conflicts"),
         "locality_probes_excluded": summary.get("locality_probes_excluded"),
         "metrics": {k: metrics[k] for k in (*_ASPECTS, *[m for m in metrics if m not in _ASPECTS])},
@@ -48,8 +49,24 @@ def _summary_json(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``eval`` and ``report`` commands to ``app``."""
-    from kedit.cli import _fail, _load, _method_name, _parse_sets, err, out, progress_bars, resolve_requests
+    """Add the ``eval`` and ``report`` commands to ``app`` (once: calling it again changes nothing)."""
+    from kedit.cli_common import (
+        cell,
+        check_model_available,
+        edit_context,
+        err,
+        fail,
+        load_or_fail,
+        method_name,
+        out,
+        parse_sets,
+        progress_bars,
+        resolve_requests,
+        validate_method,
+    )
+
+    if any(c.name in ("eval", "report") for c in app.registered_commands):
+        return
 
     @app.command("eval")
     def eval_cmd(
@@ -58,8 +75,9 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", "-d", help="FILE (any supported format), testbed[:N] or testbed:A-B."),
         protocol: str = typer.Option("single/v1", "--protocol", "-p",
                                      help="single/v1 | batch/v1 | sequential-final/v1 | sequential-immediate/v1."),
-        batch_size: int = typer.Option(1, "--batch-size", "-k", help="Edits per compute call (batch/sequential)."),
-        limit: int | None = typer.Option(None, "--limit", help="Evaluate at most N records."),
+        batch_size: int = typer.Option(1, "--batch-size", "-k", min=1,
+                                       help="Edits per compute call (batch/sequential)."),
+        limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate at most N records."),
         distinct: bool = typer.Option(False, "--distinct-subjects",
                                       help="Keep only the first request of each subject (conflict-free batches)."),
         per_batch: bool = typer.Option(False, "--distinct-per-batch",
@@ -69,7 +87,7 @@ def register(app: typer.Typer) -> None:
         fmt: str | None = typer.Option(None, "--format", help="Force the dataset format of FILE."),
         strategy: str | None = typer.Option(None, "--strategy", help="e.g. 'blue' for MEMIT/PMET/AlphaEdit."),
         sets: list[str] = typer.Option([], "--set", help="Method config override key=value (JSON), repeatable."),
-        eval_batch_size: int = typer.Option(64, "--eval-batch-size", help="Prompts per forward pass."),
+        eval_batch_size: int = typer.Option(64, "--eval-batch-size", min=1, help="Prompts per forward pass."),
         headline: str = typer.Option("exact_match", "--headline",
                                      help="Summary definitions: exact_match | token_acc | counterfact."),
         max_new_tokens: int = typer.Option(8, "--max-new-tokens"),
@@ -80,48 +98,53 @@ def register(app: typer.Typer) -> None:
         ppl_n: int = typer.Option(64, "--ppl-n", help="Texts used for perplexity (0 disables)."),
         pre_cache: Path | None = typer.Option(None, "--pre-cache",
                                                  help="Share cached pre-edit measurements across runs."),
-        stats_dir: Path | None = typer.Option(None, "--stats-dir", help="Persist covariance statistics here."),
-        on_error: str = typer.Option("raise", "--on-error", help="raise | record (failed edits become records)."),
+        stats_dir: Path | None = typer.Option(None, "--stats-dir",
+                                              help="Keep covariance statistics here (default: the kedit cache)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Keep statistics in memory only."),
+        on_error: str = typer.Option("raise", "--on-error",
+                                     help="raise | record (a record whose edit or measurement fails is kept as an "
+                                          "error record with the reason, and the run goes on)."),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
         """Evaluate METHOD on MODEL over DATA under PROTOCOL; results go to OUT (resumable)."""
-        from kedit.core.context import EditContext
         from kedit.eval.runner import EvalConfig, RunMismatchError, run_eval
         from kedit.methods.registry import ConfigError, UnknownMethodError
         from kedit.requests import RequestError
 
-        name = _method_name(method, strategy)
+        name = method_name(method, strategy)
         try:
             cfg = EvalConfig(protocol=protocol, batch_size=batch_size, eval_batch_size=eval_batch_size,
                              max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens, headline=headline,
                              seed=seed, on_error=on_error)
         except ValueError as e:
-            _fail(str(e))
+            fail(str(e))
             return
-        try:
-            reqs = resolve_requests(data, limit, fmt, distinct=distinct)
-            if limit is not None:
-                reqs = reqs[:limit]
-            if per_batch:
-                from kedit.data import distinct_per_batch
+        overrides = parse_sets(sets)
+        validate_method(name, overrides)
+        if ppl_file is not None and not ppl_file.is_file():
+            fail(f"--ppl-texts {str(ppl_file)!r} not found")
+        reqs = resolve_requests(data, limit, fmt, distinct=distinct)
+        if per_batch:
+            from kedit.data import distinct_per_batch
 
-                reqs = distinct_per_batch(reqs, batch_size)
-            texts = _ppl_texts(model, ppl_file, ppl_n)
-            m, tok = _load(model)
+            reqs = distinct_per_batch(reqs, batch_size)
+        texts = _ppl_texts(model, ppl_file, ppl_n)
+        m, tok = load_or_fail(model, **check_model_available(model))
+        try:
             with progress_bars() as bar:
-                ctx = (EditContext.with_cache_dir(stats_dir, seed=seed, progress=bar) if stats_dir
-                       else EditContext(seed=seed, progress=bar))
-                run = run_eval(m, tok, reqs, name, method_config=_parse_sets(sets) or None, config=cfg,
+                ctx = edit_context(stats_dir, no_cache, seed=seed, progress=bar)
+                run = run_eval(m, tok, reqs, name, method_config=overrides or None, config=cfg,
                                out_dir=out_dir, ctx=ctx, ppl_texts=texts, model_name=model,
                                pre_cache_dir=pre_cache, progress=bar)
         except (UnknownMethodError, ConfigError, RequestError, RunMismatchError, ValueError) as e:
-            _fail(str(e))
+            where = getattr(e, "kedit_records", None)
+            fail(f"{where}: {e}" if where else str(e))
             return
         summary = _summary_json(run.summary)
         if json_out:
             sys.stdout.write(json.dumps(summary) + "\n")
             return
-        table = Table(title=f"{name} on {model} · {run.summary['protocol']} · n={summary['n']}")
+        table = Table(title=cell(f"{name} on {model} · {run.summary['protocol']} · n={summary['n']}"))
         for col in ("aspect", "metric", "mean [95% CI]", "pre-edit", "n"):
             table.add_column(col)
         from kedit.eval.report import format_cell
@@ -134,7 +157,12 @@ def register(app: typer.Typer) -> None:
         table.add_row("capability", "capability/perplexity", format_cell(ppl, 2),
                       "–" if ppl.get("pre_mean") is None else f"{ppl['pre_mean']:.2f}", str(ppl["n"]))
         out.print(table)
-        out.print(f"{summary['n']} records in {summary['seconds']}s; results in {out_dir}")
+        line = f"{summary['n']} records in {summary['seconds']}s; results in {out_dir}"
+        if summary.get("n_skipped"):
+            line += f"; {summary['n_skipped']} skipped (too long for the model's context window)"
+        if summary["n_errors"]:
+            line += f"; {summary['n_errors']} failed (see errors in summary.json)"
+        out.print(cell(line))
 
     @app.command("report")
     def report_cmd(
@@ -150,10 +178,10 @@ def register(app: typer.Typer) -> None:
         try:
             rep = write_report(dirs, report_dir, columns=metrics or None, plots=plots)
         except (FileNotFoundError, ValueError, KeyError) as e:
-            _fail(str(e))
+            fail(str(e))
             return
         except PlotsUnavailableError as e:
-            _fail(str(e))
+            fail(str(e))
             return
         if json_out:
             sys.stdout.write(json.dumps(rep) + "\n")
@@ -163,6 +191,6 @@ def register(app: typer.Typer) -> None:
         for c in rep["columns"]:
             table.add_column(c, overflow="fold")
         for row in rep["rows"]:
-            table.add_row(row["label"], *[format_cell(row["metrics"][c]) for c in rep["columns"]])
+            table.add_row(cell(row["label"]), *[format_cell(row["metrics"][c]) for c in rep["columns"]])
         out.print(table)
-        err.print(f"wrote {rep['markdown']}" + (f" and {', '.join(rep['plots'])}" if rep["plots"] else ""))
+        err.print(cell(f"wrote {rep['markdown']}" + (f" and {', '.join(rep['plots'])}" if rep["plots"] else "")))

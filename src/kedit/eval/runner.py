@@ -19,6 +19,12 @@ Pre-edit measurements depend only on (model, records, measurement config): they 
 and cached in ``pre_cache_dir`` (default ``out_dir``) under a content key, so runs of several methods on the same
 model and data can share them.
 
+Records that do not fit the model's context window (their longest prompt plus what is appended to it: the target,
+the greedy continuation, the fluency generation, a method's context-template prefix) are found before any work,
+written as error records with ``"skipped": true`` and the reason, counted in the summary's ``n_skipped``, and
+neither edited nor measured; the rest of the run goes on (KnowEdit WikiBio prompts are longer than the testbed
+models' 128 positions). Errors name records by ``case_id`` and 1-based position (:func:`kedit.api.record_label`).
+
 Resuming: records already in ``records.jsonl`` are not evaluated again. For ``single``/``batch`` the steps whose
 records are all done are skipped outright; for the sequential protocols the earlier edits are *replayed* (recomputed
 with the same seed, which is deterministic) up to the last step with records still to evaluate -- replaying rather
@@ -45,7 +51,14 @@ from kedit.core.context import EditContext
 from kedit.data.select import mentions_any, subject_conflicts, subject_key
 from kedit.eval.metrics import HEADLINES, Observation, metric_definitions, perplexity, record_metrics
 from kedit.eval.protocols import Protocol, Step, get_protocol
-from kedit.eval.scoring import ScoringConfig, observe, text_nll
+from kedit.eval.scoring import (
+    ScoringConfig,
+    fluency_prompts,
+    observe,
+    probe_specs,
+    record_new_tokens,
+    text_nll,
+)
 from kedit.fingerprint import model_fingerprint
 from kedit.requests import EditRequest, as_requests
 
@@ -92,8 +105,9 @@ class EvalConfig:
         bootstrap: bootstrap resamples for the 95 % confidence intervals.
         eval_chunk: records evaluated (and written) together when a step evaluates many (sequential-final).
         keep_observations: store the raw measurements (generations, token scores) in ``records.jsonl``.
-        on_error: ``raise`` (default) or ``record``: an edit that fails is written as an error record (its
-            metrics are missing and the summary counts it in ``n_errors``) and the run goes on.
+        on_error: ``raise`` (default) or ``record``: a record whose edit or measurement fails is written as an
+            error record (its metrics are missing and the summary counts it in ``n_errors``) and the run goes on.
+            Records too long for the context window are skipped either way (``n_skipped``).
     """
 
     protocol: str = "single/v1"
@@ -223,6 +237,7 @@ def summarize(
     seed, resamples = int(cfg.get("seed", 0)), int(cfg.get("bootstrap", 2000))
     defs = manifest["metric_definitions"]
     ok = [r for r in records if not r.get("error")]
+    n_skipped = sum(1 for r in records if r.get("skipped"))
     detailed: dict[str, Any] = {}
     for name, d in defs.items():
         post = [r["metrics"][name] for r in ok if r["metrics"].get(name) is not None]
@@ -242,9 +257,11 @@ def summarize(
         "model": manifest["model"],
         "n": manifest["n"],
         "n_evaluated": len(records),
-        "n_errors": len(records) - len(ok),
+        "n_errors": len(records) - len(ok) - n_skipped,
+        "n_skipped": n_skipped,
         "locality_probes_excluded": sum(int(r.get("locality_excluded", 0)) for r in ok),
-        "errors": [{"index": r["index"], "error": r["error"]} for r in records if r.get("error")][:50],
+        "errors": [{"index": r["index"], "record": int(r["index"]) + 1, "case_id": r.get("case_id"),
+                    "skipped": bool(r.get("skipped")), "error": r["error"]} for r in records if r.get("error")][:50],
         "batch_size": cfg.get("batch_size"),
         "headline": cfg["headline"],
         "metrics": metrics,
@@ -264,6 +281,37 @@ def _method_config(model: nn.Module, method: str, config: Any) -> tuple[Any, Any
     else:
         raise TypeError(f"config for {spec.name} must be a {spec.config.__name__} or a dict")
     return spec, cfg
+
+
+def too_long_records(
+    model: nn.Module, tok, reqs: Sequence[EditRequest], config: EvalConfig, method_config: Any = None
+) -> dict[int, str]:
+    """``{index: reason}`` of the records that do not fit ``model``'s context window under ``config``: the edit
+    prompt with its target (and ``method_config``'s context-template prefix), every probe prompt with its greedy
+    continuation, and every fluency prompt with its generation."""
+    from kedit.api import _n_tokens, _template_reserve, context_window, record_label, request_too_long
+
+    window = context_window(model)
+    if window is None:
+        return {}
+    reserve = _template_reserve(method_config)
+    out: dict[int, str] = {}
+    for i, r in enumerate(reqs):
+        reason = request_too_long(model, tok, r, reserve=reserve)
+        if reason is None:
+            specs = probe_specs(r)
+            new = record_new_tokens(tok, specs, config.max_new_tokens)
+            need = [(_n_tokens(tok, s.prompt) + new, f"the {g} prompt") for g, ss in specs.items() for s in ss]
+            if config.fluency_tokens > 0:
+                need += [(_n_tokens(tok, p) + config.fluency_tokens, "a fluency prompt")
+                         for p in fluency_prompts(r, config.fluency_prompts)]
+            n, what = max(need, default=(0, ""))
+            if n > window:
+                reason = f"too long: {what} needs {n} tokens, more than the model's context window of {window}"
+        if reason is not None:
+            out[i] = reason
+            log.warning("skipping %s: %s", record_label(i, r.case_id), reason)
+    return out
 
 
 # -- the runner --------------------------------------------------------------------------------------------------
@@ -360,10 +408,13 @@ def run_eval(
         if progress is not None:
             progress(stage, d, t)
 
+    # -- records that cannot fit the context window: skipped, before any work ------------------------------------
+    skipped = too_long_records(model, tok, reqs, config, mcfg)
+
     # -- pre-edit measurements: once, batched, cached --------------------------------------------------------------
     pre_obs, pre_ppl = _pre_edit(model, tok, reqs, scoring, ppl_texts, fingerprint, records_hash, ppl_hash,
-                                 Path(pre_cache_dir) if pre_cache_dir is not None else out, report)
-    pre_metrics = [record_metrics(o, None) for o in pre_obs]
+                                 Path(pre_cache_dir) if pre_cache_dir is not None else out, report, skip=skipped)
+    pre_metrics = [record_metrics(o, None) if o is not None else {} for o in pre_obs]
 
     # -- the protocol ------------------------------------------------------------------------------------------
     steps = protocol.plan(len(reqs), config.batch_size)
@@ -378,7 +429,7 @@ def run_eval(
     base_ctx = ctx or EditContext()
     base_ctx = dataclasses.replace(base_ctx, seed=config.seed, state={})
     applied: list[Any] = []  # EditResult stack
-    failed: dict[int, str] = {}  # record index -> why its edit failed (on_error="record")
+    failed: dict[int, str] = dict(skipped)  # record index -> why it has no metrics (too long, or its edit failed)
     n_applied = 0
     n_done = len(done)
     report("evaluate", n_done, len(reqs))
@@ -398,24 +449,31 @@ def run_eval(
             if not protocol.cumulative and not todo:
                 continue
             step_ctx = base_ctx if protocol.cumulative else dataclasses.replace(base_ctx, state={})
+            to_edit = [i for i in step.edit if i not in skipped]
             try:
-                res = api.edit(model, tok, [reqs[i] for i in step.edit], method=spec.name, config=mcfg,
-                               ctx=step_ctx, apply=True, evaluate=False)
-                applied.append(res)
-                n_applied += len(step.edit)
+                if to_edit:
+                    res = api.edit(model, tok, [reqs[i] for i in to_edit], method=spec.name, config=mcfg,
+                                   ctx=step_ctx, apply=True, evaluate=False)
+                    applied.append(res)
+                    n_applied += len(to_edit)
             except Exception as e:
+                names = ", ".join(api.record_label(i, reqs[i].case_id) for i in to_edit[:5])
+                if len(to_edit) > 5:
+                    names += ", ..."
                 if config.on_error == "raise":
+                    if not hasattr(e, "kedit_records") or len(to_edit) > 1:
+                        e.kedit_records = names  # type: ignore[attr-defined]
                     raise
                 error = f"{type(e).__name__}: {e}"
-                log.warning("step %d (records %s) failed: %s", step.index, list(step.edit), error)
-                failed.update({i: error for i in step.edit})
+                log.warning("step %d (%s) failed: %s", step.index, names, error)
+                failed.update({i: error for i in to_edit})
             if todo:
                 ppl = _ppl(model, tok, ppl_texts, scoring.batch_size)
                 chunk = min(len(todo), config.eval_chunk)
                 for b in range(0, len(todo), chunk):
                     idx = todo[b : b + chunk]
                     rows = _evaluate(model, tok, reqs, idx, step, n_applied, scoring, pre_obs, pre_metrics, ppl,
-                                     config, failed, edited_subjects(applied))
+                                     config, failed, edited_subjects(applied), skipped=skipped)
                     if out is not None:
                         _append_jsonl(out / "records.jsonl", rows)
                     for row in rows:
@@ -467,13 +525,37 @@ def _evaluate(
     config: EvalConfig,
     failed: Mapping[int, str],
     edited: frozenset[str] = frozenset(),
+    skipped: Mapping[int, str] | None = None,
 ) -> list[dict[str, Any]]:
+    skipped = skipped or {}
+    failed = dict(failed)
+
+    def measure(ids: list[int]) -> list[Observation]:
+        return observe(model, tok, [reqs[i] for i in ids], scoring, pre=[pre_obs[i] for i in ids], perplexity=ppl)
+
+    todo = [i for i in idx if i not in failed]
+    obs: list[Observation] = []
+    try:
+        obs = measure(todo) if todo else []
+    except Exception:
+        if config.on_error == "raise":
+            raise
+        # find the record(s) the measurement fails on: one at a time
+        obs, kept = [], []
+        for i in todo:
+            try:
+                obs.extend(measure([i]))
+                kept.append(i)
+            except Exception as e:
+                from kedit.api import record_label
+
+                failed[i] = f"measurement failed: {type(e).__name__}: {e}"
+                log.warning("%s: %s", record_label(i, reqs[i].case_id), failed[i])
+        todo = kept
     rows = [{"index": i, "case_id": reqs[i].case_id, "step": step.index, "n_edits": n_applied, "error": failed[i],
-             "metrics": {}, "pre_metrics": pre_metrics[i]} for i in idx if i in failed]
-    idx = [i for i in idx if i not in failed]
+             "skipped": i in skipped, "metrics": {}, "pre_metrics": pre_metrics[i]} for i in idx if i in failed]
+    idx = todo
     base = [{"index": i, "case_id": reqs[i].case_id, "step": step.index, "n_edits": n_applied} for i in idx]
-    obs = observe(model, tok, [reqs[i] for i in idx], scoring, pre=[pre_obs[i] for i in idx],
-                  perplexity=ppl) if idx else []
     for b, i, o in zip(base, idx, obs):
         post_m, pre_m, excluded = without_edited_neighbours(o, pre_obs[i], edited)
         row = {**b, "error": None, "metrics": record_metrics(post_m, pre_m), "pre_metrics": pre_metrics[i],
@@ -523,8 +605,11 @@ def _pre_edit(
     ppl_hash: str | None,
     cache_dir: Path | None,
     report: Progress,
-) -> tuple[list[Observation], float | None]:
-    """Pre-edit observations of every record (and the pre-edit perplexity), from the cache where present."""
+    skip: Mapping[int, str] | None = None,
+) -> tuple[list[Observation | None], float | None]:
+    """Pre-edit observations of every record (and the pre-edit perplexity), from the cache where present; ``None``
+    for the records in ``skip``."""
+    skip = skip or {}
     key = _sha({"model": fingerprint, "records": records_hash, "ppl": ppl_hash, "rule": SCORING_RULE,
                 "scoring": {k: v for k, v in dataclasses.asdict(scoring).items() if k != "batch_size"}})[:20]
     cached: dict[int, Observation] = {}
@@ -544,7 +629,7 @@ def _pre_edit(
         pre_ppl = _ppl(model, tok, ppl_texts, scoring.batch_size)
         if meta_path is not None:
             _write_json(meta_path, {"perplexity": pre_ppl, "model_fingerprint": fingerprint})
-    todo = [i for i in range(len(reqs)) if i not in cached]
+    todo = [i for i in range(len(reqs)) if i not in cached and i not in skip]
     report("pre-edit", len(reqs) - len(todo), len(reqs))
     chunk = 256
     for b in range(0, len(todo), chunk):
@@ -555,7 +640,7 @@ def _pre_edit(
         if obs_path is not None:
             _append_jsonl(obs_path, [{"index": i, "observation": o.to_dict()} for i, o in zip(idx, obs)])
         report("pre-edit", len(reqs) - len(todo) + b + len(idx), len(reqs))
-    return [cached[i] for i in range(len(reqs))], pre_ppl
+    return [cached.get(i) for i in range(len(reqs))], pre_ppl
 
 
 def load_run(directory: str | os.PathLike[str]) -> EvalRun:

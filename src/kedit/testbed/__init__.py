@@ -54,11 +54,22 @@ def _resolve(name_or_dir: str | Path | None) -> Path:
     raise FileNotFoundError(f"no testbed at {name_or_dir!s}")
 
 
+def _refuse_incomplete(root: Path) -> None:
+    from .build import incomplete_build
+
+    if incomplete_build(root):
+        raise FileNotFoundError(
+            f"{root} is an interrupted testbed build (no manifest.json, which a build writes last); rebuild it "
+            f"(`kedit testbed build --out {root}` starts it over)"
+        )
+
+
 def load_world(name: str | Path = "default") -> World:
     """Load the world of a committed testbed (``name``) or of a build directory (a path)."""
     from .world import World
 
     root = _resolve(name)
+    _refuse_incomplete(root)
     path = root / "world.json"
     if not path.is_file():
         raise FileNotFoundError(f"no world.json in {root}; build one with kedit.testbed.build_testbed()")
@@ -81,6 +92,7 @@ def load_testbed_model(
     if arch not in ARCHS:
         raise ValueError(f"unknown testbed architecture {arch!r}; expected one of {ARCHS}")
     root = _resolve(assets_dir)
+    _refuse_incomplete(root)
     path = root / arch
     if not (path / "config.json").is_file():
         raise FileNotFoundError(

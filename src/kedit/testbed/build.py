@@ -5,6 +5,10 @@ Layout of a build directory::
     world.json            the world (stable JSON, see :meth:`World.to_json`)
     gpt2/ llama/          Hugging Face checkpoints (config, safetensors weights, tokenizer files)
     manifest.json         generator version, seed, sha256 of every file, gate figures, timings, parameter counts
+
+``manifest.json`` is written last. A directory with build files but no manifest is an interrupted build
+(:func:`incomplete_build`): :func:`kedit.testbed.load_testbed_model` refuses it, and building into it again starts
+over (the build's own files -- ``world.json``, ``gpt2/``, ``llama/`` -- are removed first, nothing else).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = [
     "build_micro_testbed",
     "build_testbed",
     "build_testbed_parallel",
+    "incomplete_build",
     "merge_builds",
     "file_hashes",
     "training_facts",
@@ -95,6 +100,35 @@ def file_hashes(root: str | Path) -> dict[str, str]:
     }
 
 
+#: what a build writes before its manifest (an interrupted build leaves some of these and no manifest)
+_BUILD_ENTRIES = ("world.json", *ARCHS)
+
+
+def incomplete_build(root: str | Path) -> bool:
+    """Whether ``root`` holds an interrupted build: some of its files (world, a model directory) but no
+    ``manifest.json``."""
+    root = Path(root)
+    return (
+        root.is_dir()
+        and not (root / "manifest.json").is_file()
+        and any((root / name).exists() for name in _BUILD_ENTRIES)
+    )
+
+
+def _clear_incomplete(root: Path) -> None:
+    import shutil
+
+    if not incomplete_build(root):
+        return
+    logger.warning("%s holds an interrupted build (no manifest.json); starting it over", root)
+    for name in _BUILD_ENTRIES:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def verify_manifest(root: str | Path) -> list[str]:
     """Problems found comparing ``root/manifest.json`` with the files and the generator version (empty = ok)."""
     root = Path(root)
@@ -143,6 +177,7 @@ def build_testbed(
 
     t_start = time.time()
     out = Path(out_dir)
+    _clear_incomplete(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -302,13 +337,15 @@ def build_testbed_parallel(
     out_dir: str | Path, *, micro: bool = False, seed: int = DEFAULT_SEED, archs: Sequence[str] = ARCHS
 ) -> dict[str, Any]:
     """:func:`build_testbed` with one process per architecture (each trains on one thread), merged with
-    :func:`merge_builds`; the files are identical to a sequential build. Returns the manifest."""
+    :func:`merge_builds`; the files are identical to a sequential build. Returns the manifest. ``kedit testbed
+    build`` uses it when at least two cores are usable."""
     import shutil
     import subprocess
     import sys
     import tempfile
 
     out = Path(out_dir)
+    _clear_incomplete(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-parts-") as tmp:
         parts = [Path(tmp) / arch for arch in archs]
