@@ -114,7 +114,9 @@ def test_edit_rejects_bad_input(tmp_path):
 @pytest.mark.parametrize("model", ["testbed-gpt2"])
 def test_demo_json(model, cache_dir):
     out = _json(runner.invoke(app, ["demo", "--model", model, "--n", "2", "--json"]))
-    assert out["n_requests"] == 2 and out["method"] == "rome"
+    from kedit.cli import DEMO_METHOD
+
+    assert out["n_requests"] == 2 and out["method"] == DEMO_METHOD
     for aspect, kind in (("reliability", "prompt"), ("generalization", "paraphrase"), ("locality", "neighbour")):
         oks = [p["ok"] for p in out["probes"] if p["kind"] == kind]
         assert out[aspect] == sum(oks) / len(oks)
