@@ -111,13 +111,21 @@ def _strided_sample(p: torch.Tensor, sample_size: int) -> torch.Tensor:
     return flat[::step]  # strided view: only the sample is copied to the CPU
 
 
-def model_fingerprint(model: nn.Module, *, full: bool = False, sample_size: int = DEFAULT_SAMPLE_SIZE) -> str:
+def model_fingerprint(
+    model: nn.Module,
+    *,
+    full: bool = False,
+    sample_size: int = DEFAULT_SAMPLE_SIZE,
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> str:
     """sha256 hex digest identifying ``model``'s config and weights.
 
     Args:
         model: any ``nn.Module``; ``model.config`` (if present) is hashed without volatile keys.
         full: hash every byte of every parameter (exact, slower) instead of a strided sample.
         sample_size: at most this many evenly spaced elements are hashed per parameter when ``full`` is False.
+        overrides: ``{param name: tensor}`` hashed in place of those parameters (e.g. the pristine copies of a
+            rollback ledger: the fingerprint the model had before its applied deltas, without touching it).
 
     Buffers are not hashed (rotary tables and causal masks are derived from the config). Tied parameters are
     hashed once (``named_parameters`` de-duplicates them).
@@ -129,6 +137,8 @@ def model_fingerprint(model: nn.Module, *, full: bool = False, sample_size: int 
     h.update(b"full|" if full else f"sample={sample_size}|".encode())
     h.update(_config_json(model).encode())
     for name, p in model.named_parameters():
+        if overrides and name in overrides:
+            p = overrides[name]
         h.update(f"|{name}|".encode())
         _update_header(h, p)
         data = p if full else _strided_sample(p, sample_size)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EditRequest", "Probe", "RequestError"]
+__all__ = ["EditRequest", "Probe", "RequestError", "locate_subject"]
 
 
 class RequestError(ValueError):
@@ -77,6 +77,51 @@ class Probe:
         raise RequestError(
             f"{field_name}: expected a prompt string, (prompt, answer) pair, dict or Probe, got {value!r}"
         )
+
+
+def _occurrences(text: str, sub: str) -> list[int]:
+    """Start of every (possibly overlapping) occurrence of ``sub`` in ``text``."""
+    out, i = [], text.find(sub)
+    while i >= 0:
+        out.append(i)
+        i = text.find(sub, i + 1)
+    return out
+
+
+def _whole_word(text: str, start: int, sub: str) -> bool:
+    """Whether ``text[start:start+len(sub)]`` is not glued to a letter or digit: the character before (after) the
+    match is not alphanumeric -- checked only where the subject itself begins (ends) with one, like a regex word
+    boundary."""
+    end = start + len(sub)
+    if sub[:1].isalnum() and start > 0 and text[start - 1].isalnum():
+        return False
+    if sub[-1:].isalnum() and end < len(text) and text[end].isalnum():
+        return False
+    return True
+
+
+def locate_subject(prompt: str, subject: str, *, field: str = "prompt") -> int:
+    """Character offset of ``subject`` in ``prompt`` (a literal sentence, no ``"{}"``).
+
+    A unique occurrence wins. Otherwise the unique *whole-word* occurrence wins -- ``"Ann"`` in
+    ``"Annabel said that Ann was born in"`` is the second one, since the first is glued to ``"abel"``. Raises
+    :class:`RequestError` when the subject does not occur, or when even the whole-word occurrences are ambiguous
+    (then mark the one to edit with ``"{}"``); ``field`` names the prompt in the message.
+    """
+    hits = _occurrences(prompt, subject)
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise RequestError(
+            f"subject {subject!r} does not occur in {field} {prompt!r}; put it in the prompt or mark its place with '{{}}'"
+        )
+    whole = [i for i in hits if _whole_word(prompt, i, subject)]
+    if len(whole) == 1:
+        return whole[0]
+    raise RequestError(
+        f"subject {subject!r} occurs {len(hits)} times in {field} {prompt!r} ({len(whole)} of them as a whole word); "
+        "mark the occurrence to edit with '{}'"
+    )
 
 
 def _probes(name: str, values: Any) -> tuple[Probe, ...]:
@@ -139,18 +184,8 @@ class EditRequest:
             if n_slots > 1:
                 raise RequestError(f"prompt has {n_slots} '{{}}' slots, expected exactly one: {prompt!r}")
             if n_slots == 0:
-                hits = prompt.count(subject)
-                if hits == 0:
-                    raise RequestError(
-                        f"subject {subject!r} does not occur in prompt {prompt!r}; "
-                        "put it in the prompt or mark its place with '{}'"
-                    )
-                if hits > 1:
-                    raise RequestError(
-                        f"subject {subject!r} occurs {hits} times in prompt {prompt!r}; "
-                        "mark the occurrence to edit with '{}'"
-                    )
-                prompt = prompt.replace(subject, "{}", 1)
+                at = locate_subject(prompt, subject)
+                prompt = prompt[:at] + "{}" + prompt[at + len(subject) :]
             object.__setattr__(self, "prompt", prompt)
             object.__setattr__(self, "target_new", target_new)
             object.__setattr__(self, "paraphrases", _strings("paraphrases", self.paraphrases))

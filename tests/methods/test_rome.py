@@ -124,3 +124,43 @@ def test_rome_singular_statistics_named(tok):
     ctx = EditContext(corpus=["Paris."], corpus_id="one-text", templates=TEMPLATES)  # rank-deficient C
     with pytest.raises(SingularSystemError, match="layer 1"):
         spec.compute(model, tok, [REQ], _cfg(spec, mom2_n_tokens=2), ctx)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_r_rome_averaged_maps_mean_key_to_v_star(arch, tok):
+    """r-ROME random-prefix keys (Gupta et al. 2024): u ∝ C⁻¹k̄ and the edited layer maps the mean key k̄ over the
+    context templates to v* = v_e + δ, checked by hand from the layer's weights (and bias)."""
+    model = tiny_model(arch, vocab_size=len(tok))
+    spec = get_method("r-rome")
+    cfg = _cfg(spec, key_mode="averaged")
+    ctx = _ctx()
+    delta = spec.compute(model, tok, [REQ], cfg, ctx)
+    adapter = get_adapter(model)
+    module = adapter.module(model, "mlp_out", 1)
+    tcfg = TargetConfig(lr=cfg.v_lr, steps=cfg.v_steps, weight_decay=cfg.v_weight_decay,
+                        clamp_norm_factor=cfg.clamp_norm_factor, kl_factor=cfg.kl_factor)
+    site = Site("mlp_out", 1)
+    res = optimize_targets(model, tok, adapter, [REQ], [site], tcfg, TEMPLATES)
+    v_star = res.target(site)[0].double()
+    texts, spans = zip(*(prompt_text(t, REQ) for t in TEMPLATES))
+    keys = compute_keys(model, tok, adapter, [1], list(texts), list(spans))[1].double()
+    k_bar, k_e = keys.mean(0), keys[0]
+    bias = getattr(module, "bias", None)
+    b = torch.zeros_like(v_star) if bias is None else bias.detach().double()
+    w0 = math_weight(module).detach().double().clone()
+    # the old solve ((W+Δ)k̄ = Wk̄ + δ) would miss v* by W(k_e − k̄): make sure the test can tell them apart
+    assert (w0 @ (k_e - k_bar)).norm() > 1e-2 * v_star.norm()
+
+    C = ctx.second_moments(model, tok, [1], n_tokens=cfg.mom2_n_tokens)[1].mean.double()
+    (update,) = delta.updates
+    dense = update.dense(dtype=torch.float64)
+    dense = dense.T if dense.shape != w0.shape else dense
+    u = torch.linalg.svd(dense)[2][0]
+    u_ref = torch.linalg.solve(C, k_bar)
+    assert abs(torch.nn.functional.cosine_similarity(u, u_ref, dim=0)) > 1 - 1e-6
+
+    delta.apply(model)
+    w1 = math_weight(module).detach().double()
+    assert torch.allclose(w1 @ k_bar + b, v_star, atol=1e-4, rtol=1e-4), "edited layer must map k̄ to v*"
+    assert not torch.allclose(w1 @ k_bar + b, w0 @ k_bar + b + res.delta[site][0].double(), atol=1e-4, rtol=1e-4)
+    delta.revert(model)

@@ -5,11 +5,24 @@ templates, AlphaEdit's projector) lives on an :class:`EditContext` that the call
 calls -- e.g. for sequential editing, where the statistics of the *base* model are reused. State that depends on
 which edits are applied does not live here: it travels with the deltas (AlphaEdit's edited keys are
 ``EditDelta.extras``, summed over :func:`kedit.deltas.applied_deltas`), so reverting an edit cannot leave it behind.
+
+A context is **bound to one model** (:meth:`EditContext.model_key`): the first model it sees fixes the fingerprint
+its statistics, templates and method caches are keyed by. It then accepts
+
+* the same model object in any later state -- edited, reverted, edited again: statistics are those of the unedited
+  model, as in the reference implementations (held through a weak reference: the context never keeps a model alive);
+* another object whose weights are those the context was bound to -- a reloaded or copied model, now or after the
+  deltas recorded in its rollback ledger (:mod:`kedit.deltas.ledger`) are taken off: its *pristine* fingerprint is
+  compared;
+
+and refuses any other model (:class:`ContextModelMismatchError`) -- before, a model of the same shape silently
+reused the first model's covariances and null-space bases. Use a new context per model, or :meth:`EditContext.rebind`.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +35,7 @@ from kedit.core.keys import sample_context_templates
 from kedit.core.stats import SecondMoment, StatsCache
 from kedit.fingerprint import model_fingerprint
 
-__all__ = ["EditContext", "MissingCorpusError"]
+__all__ = ["ContextModelMismatchError", "EditContext", "MissingCorpusError"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +44,45 @@ class MissingCorpusError(ValueError):
     """A method needs second-moment statistics but no text corpus is known for this model."""
 
 
+class ContextModelMismatchError(ValueError):
+    """An :class:`EditContext` bound to one model was used with a different one."""
+
+
 Progress = Callable[[str, int, int], None]
+
+
+def _model_name(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+
+
+def pristine_fingerprint(model: nn.Module) -> str | None:
+    """:func:`~kedit.fingerprint.model_fingerprint` of ``model`` as it was before the deltas applied to it (the
+    base copies of its rollback ledger hashed in place of the touched parameters); ``None`` when no delta is applied
+    (the pristine fingerprint is then the current one)."""
+    from kedit.deltas.ledger import RollbackLedger
+    from kedit.deltas.updates import get_param
+
+    ledger = RollbackLedger.of(model)
+    if ledger is None:
+        return None
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    overrides = {}
+    for name, chain in ledger.chains.items():
+        if chain:
+            overrides[canonical.get(id(get_param(model, name)), name)] = chain[0].bases[name]
+    return model_fingerprint(model, overrides=overrides)
+
+
+class _Binding:
+    """The model a context is bound to: its fingerprint (fixed) and the objects accepted for it (weak)."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.name: str = "?"
+        self.models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        return f"<bound to {self.name} {self.key[:12] if self.key else 'nothing'}>"
 
 
 @dataclass
@@ -57,16 +108,51 @@ class EditContext:
     templates: Sequence[str] | None = None
     state: dict[str, Any] = field(default_factory=dict)
     progress: Progress | None = None
-    _model_key: str | None = field(default=None, repr=False)
+    _binding: _Binding = field(default_factory=_Binding, repr=False)
     _templates: dict[tuple, list[str]] = field(default_factory=dict, repr=False)
 
-    # -- identity of the base model (statistics are those of the model first seen) ------------------------------
+    # -- the model this context is bound to (statistics are those of its unedited state) ------------------------
     def model_key(self, model: nn.Module) -> str:
-        """Fingerprint of the first model this context saw: later (edited) states reuse its statistics,
-        as the reference implementations do."""
-        if self._model_key is None:
-            self._model_key = model_fingerprint(model)
-        return self._model_key
+        """Fingerprint of the model this context is bound to (binding it to ``model`` on first use).
+
+        Later states of the same object -- edited by any means -- reuse its statistics, as the reference
+        implementations do; another object is accepted when its current or pristine weights (before the deltas in
+        its rollback ledger) have the bound fingerprint. Any other model raises :class:`ContextModelMismatchError`.
+        (``dataclasses.replace`` copies share the binding, as they share the statistics cache.)
+        """
+        b = self._binding
+        if b.key is None:
+            b.key = model_fingerprint(model)
+            b.name = _model_name(model)
+            b.models.add(model)
+            return b.key
+        if model in b.models:
+            return b.key
+        current = model_fingerprint(model)
+        if current == b.key or pristine_fingerprint(model) == b.key:
+            b.models.add(model)
+            return b.key
+        raise ContextModelMismatchError(
+            f"this EditContext is bound to model {b.name!r} (weights fingerprint {b.key[:12]}), and its statistics, "
+            f"context templates and method caches are that model's; it was now given a different model "
+            f"{_model_name(model)!r} (fingerprint {current[:12]}, not an edited state of the bound one). "
+            "Use a new EditContext for this model (a shared StatsCache keeps the statistics of both apart), or call "
+            "ctx.rebind(model) to bind this context to it"
+        )
+
+    def rebind(self, model: nn.Module) -> None:
+        """Bind this context to ``model`` (its current weights) from now on, dropping the method caches
+        (:attr:`state`) and sampled templates of the previous model; the statistics cache is kept (it is keyed by
+        model fingerprint). Other ``dataclasses.replace`` copies stay bound to the previous model."""
+        self._binding = _Binding()
+        self.state = {}
+        self._templates = {}
+        self.model_key(model)
+
+    @property
+    def bound_key(self) -> str | None:
+        """Fingerprint of the bound model (``None`` before the first use)."""
+        return self._binding.key
 
     def report(self, stage: str, done: int, total: int) -> None:
         if self.progress is not None:

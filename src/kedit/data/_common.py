@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kedit.requests import EditRequest, Probe, RequestError
+from kedit.requests import EditRequest, Probe, RequestError, locate_subject
 
 _MISSING = object()
 
@@ -144,15 +144,12 @@ def place_subject(prompt: str, subject: str, prompt_field: str, subject_field: s
     """
     if "{}" in prompt:
         return prompt, subject, False
-    hits = prompt.count(subject)
-    if hits == 1:
+    if subject in prompt:  # EditRequest's rule: the unique occurrence, else the unique whole-word one
+        try:
+            locate_subject(prompt, subject, field=prompt_field)
+        except RequestError as err:
+            raise FieldError(subject_field, f"{err}: cannot tell which occurrence to edit") from None
         return prompt, subject, False
-    if hits > 1:
-        raise FieldError(
-            subject_field,
-            f"subject {subject!r} occurs {hits} times in {prompt_field} {prompt!r}; "
-            "cannot tell which occurrence to edit",
-        )
     found = [m.start() for m in re.finditer(re.escape(subject), prompt, flags=re.IGNORECASE)]
     if len(found) == 1:
         start = found[0]

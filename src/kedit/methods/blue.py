@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kedit.core.walk import Stage, spread_stages
-from kedit.methods.presets import load_presets
+from kedit.methods.presets import preset_entry_for, preset_for
 
 __all__ = ["BLUE_PAPER", "STRATEGIES", "blue_stages", "plan_stages", "preset_overrides"]
 
@@ -55,23 +55,12 @@ def plan_stages(layers: Sequence[int], strategy: str, spread: str) -> list[Stage
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
 
 
-def _matches(config: Any, match: dict[str, Any]) -> bool:
-    return all(getattr(config, k, None) == v for k, v in match.items())
-
-
 def preset_overrides(method: str, model: Any, *, strategy: str = "spread") -> dict[str, Any]:
-    """Preset of ``method`` for ``model`` and ``strategy``.
+    """Preset of ``method`` for ``model`` and ``strategy`` (:func:`kedit.methods.presets.preset_for`).
 
     ``<method>.json`` holds the plain presets and, marked ``"strategy": "blue"`` in their config, the BLUE ones.
     A model without a BLUE preset gets its plain preset with ``strategy="blue"``.
     """
-    config = getattr(model, "config", model)
-    for entry in load_presets(method):
-        cfg = dict(entry.get("config", {}))
-        if cfg.get("strategy", "spread") == strategy and _matches(config, entry.get("match", {})):
-            if isinstance(cfg.get("layers"), list):
-                cfg["layers"] = tuple(cfg["layers"])
-            return cfg
-    if strategy == "blue":
-        return {**preset_overrides(method, model, strategy="spread"), "strategy": "blue"}
-    return {}
+    if strategy == "blue" and preset_entry_for(method, model, strategy="blue") is None:
+        return {**preset_for(method, model), "strategy": "blue"}
+    return preset_for(method, model, strategy=strategy)

@@ -11,8 +11,15 @@ The MLP output projection of one layer is treated as a linear associative memory
 3. ``u = C⁻¹k*/‖C⁻¹k*‖`` with ``C = E[k kᵀ]`` (:class:`kedit.core.stats.StatsCache`, or ``C = I``), ``r = δ/(uᵀk_e)``
    and ``W ← W + r uᵀ`` (:func:`kedit.core.solve.rome_rank_one`), so the edited layer maps ``k_e`` to ``v*``.
 
-``key_mode`` selects the key pair: ``"rome"`` (``u`` from ``k*``, denominator ``k_e``: the paper's code),
-``"prompt"`` (r-ROME: ``k_e`` in both places) or ``"averaged"`` (r-ROME: ``k*`` in both places).
+``key_mode`` selects the keys (Gupta et al. trace ROME's collapses to the mismatch of the first mode):
+
+* ``"rome"`` (the paper's code): ``u`` from ``k*``, denominator ``uᵀk_e``, residual ``δ = v* − W k_e``: the edited
+  layer maps ``k_e`` to ``v*``;
+* ``"prompt"`` (r-ROME, prompt keys): ``k_e`` everywhere: ``u ∝ C⁻¹k_e``, ``r = (v* − W k_e)/(uᵀk_e)``;
+* ``"averaged"`` (r-ROME, random-prefix keys): ``k̄ = k*`` everywhere **and** the residual taken against the mean
+  output over the same templates: ``u ∝ C⁻¹k̄``, ``r = (v* − mean_j W k_j)/(uᵀk̄)`` (bias included in both
+  outputs), so the edited layer maps ``k̄`` to ``v*`` -- not ``k̄`` to ``W k̄ + δ``. ``v*`` is still ``v_e + δ``, the
+  plain prompt's output plus the optimised shift, as in the r-ROME code.
 Several requests are inserted one after another (each computed on the model with the previous ones applied,
 as the reference does); the result is a single rank-n delta and the model is restored bit-identically.
 """
@@ -81,9 +88,10 @@ def _rrome_presets(model) -> dict:
 
 @torch.no_grad()
 def _layer_io(model, tok, adapter, layer, req: EditRequest, templates: Sequence[str]):
+    """Keys ``[n_templates, d_k]`` and outputs ``[n_templates, d]`` of ``mlp_out`` at the subject's last token."""
     texts, spans = zip(*(prompt_text(t, req) for t in templates))
-    keys = compute_keys(model, tok, adapter, [layer], list(texts), list(spans))
-    return keys[layer]
+    keys, outs = compute_keys(model, tok, adapter, [layer], list(texts), list(spans), with_outputs=True)
+    return keys[layer], outs[layer]
 
 
 def compute_rome(
@@ -111,17 +119,21 @@ def compute_rome(
     lefts, rights, diagnostics = [], [], []
     try:
         for i, req in enumerate(requests):
-            keys = _layer_io(model, tok, adapter, layer, req, templates)
+            keys, outs = _layer_io(model, tok, adapter, layer, req, templates)
             k_star, k_e = keys.mean(0), keys[0]
             site = Site("mlp_out", layer)
             with torch.enable_grad():
                 res = optimize_targets(model, tok, adapter, [req], [site], tcfg, templates)
             delta = res.delta[site][0]
-            u_src, k_den = {"rome": (k_star, k_e), "prompt": (k_e, k_e), "averaged": (k_star, k_star)}[
-                config.key_mode
-            ]
+            if config.key_mode == "averaged":
+                # r-ROME random-prefix keys: v* against the mean output over the templates (the mean key's output)
+                u_src, k_den = k_star, k_star
+                residual = res.target(site)[0].double() - outs.mean(0).double().to(delta.device)
+            else:
+                u_src, k_den = {"rome": (k_star, k_e), "prompt": (k_e, k_e)}[config.key_mode]
+                residual = delta
             r, u = rome_rank_one(
-                None if C is None else C, u_src, k_den, delta, ridge=config.mom2_ridge, what=f"ROME layer {layer}"
+                None if C is None else C, u_src, k_den, residual, ridge=config.mom2_ridge, what=f"ROME layer {layer}"
             )
             lefts.append(r)
             rights.append(u)
@@ -132,6 +144,7 @@ def compute_rome(
                     "v_nll": float(res.nll[0]),
                     "v_steps": int(res.steps[0]),
                     "delta_norm": float(delta.norm()),
+                    "residual_norm": float(residual.norm()),
                     "v0_norm": float(res.init[site][0].norm()),
                 }
             )
