@@ -283,3 +283,18 @@ def test_sequential_alphaedit_on_cuda_carries_keys(tok):
     r2.revert(model)
     r1.revert(model)
     assert_same(model, before)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+def test_sampled_templates_on_cuda(tok, method):
+    """Context templates sampled on the CUDA model (a CPU generator, logits moved to the CPU), then the edit."""
+    model = tiny_model("gpt2", vocab_size=len(tok)).to("cuda")
+    ctx = EditContext(corpus=CORPUS, corpus_id="tiny-devices")
+    cfg = {**small_config(method), "context_lengths": ((3, 2),)}
+    before = snapshot(model)
+    result = kedit.edit(model, tok, REQS, method, config=cfg, ctx=ctx, evaluate=False)
+    assert all(t.is_cuda for d in result.deltas for u in d.updates for t in u.tensors().values())
+    result.revert(model)
+    assert_same(model, before)
