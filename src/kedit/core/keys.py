@@ -113,7 +113,7 @@ def sample_context_templates(
         for _ in range(n_tokens):
             ids, mask = pad_batch(seqs, pad_id(tok), device)
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            last = logits[torch.arange(len(seqs)), mask.sum(1) - 1].cpu()
+            last = logits[torch.arange(len(seqs), device=logits.device), mask.sum(1).to(logits.device) - 1].cpu()
             top = last.topk(top_k, dim=-1)
             probs = torch.softmax(top.values, dim=-1)
             pick = torch.multinomial(probs, 1, generator=gen).squeeze(1)

@@ -242,7 +242,8 @@ def _collect_encoded(
                     k = tr[path].input
                     if k is None:
                         raise RuntimeError(f"the forward pass never reached {path!r}")
-                    k = k[keep][:take].to(dtype)  # row-major: text order, then position
+                    # row-major: text order, then position; on the layer's device (a shard of a split model)
+                    k = k[keep.to(k.device)][:take].to(dtype)
                     if not bool(torch.isfinite(k).all()):
                         raise FloatingPointError(
                             f"non-finite activations at the input of {path!r}: the model's forward overflowed "

@@ -523,8 +523,10 @@ def _chunk_losses(
     rows_idx = torch.arange(len(chunk), device=device)
 
     def bump(out: torch.Tensor, site: Site) -> torch.Tensor:
-        d = delta[site][req].to(out.dtype)
-        return torch.zeros_like(out).index_put((rows_idx, subj), d, accumulate=True)
+        # δ lives where v_0 was read (the site's device, which a sharded model need not share with the inputs)
+        d = delta[site][req.to(delta[site].device)].to(device=out.device, dtype=out.dtype)
+        idx = (rows_idx.to(out.device), subj.to(out.device))
+        return torch.zeros_like(out).index_put(idx, d, accumulate=True)
 
     def add_delta(name: str, out: torch.Tensor) -> torch.Tensor | None:
         site = plan.hooked.get(name)

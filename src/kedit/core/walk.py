@@ -39,6 +39,7 @@ from kedit.core.config import LocateEditConfig, auto_layers, target_config
 from kedit.core.context import EditContext
 from kedit.core.keys import compute_keys, encode_with_subject, gather_at, target_ids
 from kedit.core.targets import Site, TargetConfig, optimize_targets, prompt_text
+from kedit.deltas.ledger import compute_dtype
 from kedit.hooks import trace
 from kedit.requests import EditRequest
 
@@ -47,7 +48,9 @@ __all__ = [
     "Stage",
     "Walk",
     "WalkResult",
+    "add_in_place",
     "covariances",
+    "factors_for",
     "group_sizes",
     "make_delta",
     "request_keys",
@@ -301,8 +304,7 @@ def walk_layers(
             left, right = walk.solve(st.layer, K.double().T, Rj)
             module = modules[st.layer]
             with torch.no_grad():
-                upd = left.to(torch.float32) @ right.to(device=left.device, dtype=torch.float32)
-                math_weight(module).add_(upd.to(device=module.weight.device, dtype=module.weight.dtype))
+                upd = add_in_place(module, left, right)
             factors[st.layer] = (left, right)
             stage_diag.append(
                 {
@@ -346,6 +348,26 @@ def walk_layers(
         after=after_value,
         stages=list(stages),
     )
+
+
+def factors_for(param: torch.Tensor, *factors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``factors`` as an update of ``param`` is stored: on ``param``'s device, in the dtype its update is added in
+    (fp32, fp64 for an fp64 parameter: :func:`kedit.deltas.ledger.compute_dtype`), so applying the delta moves and
+    rounds nothing more than the final cast to the parameter's dtype."""
+    dt = compute_dtype(param.dtype)
+    return tuple(f.detach().to(device=param.device, dtype=dt) for f in factors)
+
+
+def add_in_place(module: nn.Module, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Add ``left @ right`` (math orientation) to ``module.weight`` in place, rounded as
+    :meth:`EditDelta.apply <kedit.deltas.EditDelta.apply>` rounds it (sum in fp32 -- fp64 for an fp64 weight --
+    on the weight's device, then cast), so later stages see the model the applied delta gives. Returns the
+    product (in that dtype, on that device)."""
+    w = math_weight(module)
+    left, right = factors_for(w, left, right)
+    upd = left @ right
+    w.copy_((w.to(upd.dtype) + upd).to(w.dtype))
+    return upd
 
 
 def group_sizes(config: LocateEditConfig, ctx: EditContext) -> list[int] | None:
@@ -403,7 +425,8 @@ def make_delta(
     layers: Sequence[int],
     extra_meta: dict[str, Any] | None = None,
 ):
-    """One :class:`~kedit.deltas.LowRankUpdate` (rank ≤ n, fp32) per edited ``mlp_out`` weight."""
+    """One :class:`~kedit.deltas.LowRankUpdate` (rank ≤ n) per edited ``mlp_out`` weight, on that weight's device,
+    fp32 (fp64 for an fp64 weight; :func:`factors_for`)."""
     from dataclasses import asdict
 
     from kedit.deltas import EditDelta, LowRankUpdate
@@ -411,7 +434,7 @@ def make_delta(
     updates = []
     for layer, (left, right) in sorted(result.factors.items()):
         name = adapter.weight_name("mlp_out", layer)
-        updates.append(LowRankUpdate.from_math(model, name, left.float().cpu(), right.float().cpu()))
+        updates.append(LowRankUpdate.from_math(model, name, *factors_for(model.get_parameter(name), left, right)))
     meta: dict[str, Any] = {"diagnostics": result.diagnostics, "edited_layers": sorted(result.factors)}
     if result.debug is not None:
         meta["debug"] = result.debug

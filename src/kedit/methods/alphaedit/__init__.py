@@ -44,7 +44,6 @@ from typing import Any
 import torch
 
 from kedit.arch import get_adapter
-from kedit.core.batching import device_of
 from kedit.core.config import LocateEditConfig
 from kedit.core.context import EditContext
 from kedit.core.solve import NULLSPACE_MODES, nullspace_basis, projected_update_factors
@@ -149,6 +148,7 @@ def previous_key_moments(
 def _bases(
     model, tok, ctx: EditContext, layers: list[int], config: AlphaEditConfig, name: str
 ) -> dict[int, Any]:
+    adapter = get_adapter(model)
     state = alphaedit_state(ctx)
     mk = ctx.model_key(model)
     keys = {
@@ -158,8 +158,10 @@ def _bases(
     missing = [l for l in layers if keys[l] not in state["nullspace"]]
     if missing:
         stats = ctx.second_moments(model, tok, missing, n_tokens=config.mom2_n_tokens)
-        device = device_of(model)
         for l in missing:
+            # C is on the CPU (StatsCache); the eigendecomposition runs in fp64 where the layer's weight lives,
+            # so the cached basis is on the device its solves use
+            device = adapter.module(model, "mlp_out", l).weight.device
             basis = nullspace_basis(
                 stats[l].mean.to(device), config.nullspace_threshold, mode=config.nullspace_mode
             )

@@ -13,7 +13,7 @@ with Adam on one of the two objectives of :mod:`kedit.methods.ft.objective`:
 
 After every step the change is clamped elementwise to ``[−ε, ε]`` (``norm_constraint``; ``None`` = unconstrained).
 
-**The model is never touched.** Training runs on a separate fp32 tensor ``D`` (the change ``ΔW``) through
+**The model is never touched.** Training runs on a separate tensor ``D`` (fp32; fp64 for fp64 weights) (the change ``ΔW``) through
 ``torch.func.functional_call(model, {name: W₀ + D})``; the model's parameters keep their values, ``requires_grad``
 flags and train/eval mode, and the result is a :class:`~kedit.deltas.DenseUpdate` ``ΔW = D`` per parameter (so
 ``‖ΔW‖∞ ≤ ε`` holds exactly for the delta). Requests are batched (``batch_size`` per mini-batch, all by default).
@@ -39,6 +39,7 @@ from kedit.arch import ArchAdapter, get_adapter, is_transposed
 from kedit.core.batching import check_conflicts, device_of
 from kedit.core.context import EditContext
 from kedit.deltas import DenseUpdate, EditDelta
+from kedit.deltas.ledger import compute_dtype
 from kedit.methods.ft.objective import LOSSES, build_loss_batches, keep_grad_flags, train_adam
 from kedit.methods.presets import preset_for
 from kedit.methods.registry import register_method
@@ -169,15 +170,16 @@ def compute_ft(
         if config.train_bias and getattr(model.get_submodule(path), "bias", None) is not None:
             names.append(f"{path}.bias")
     base = {n: model.get_parameter(n).detach() for n in names}
-    # the trainable change ΔW, fp32 whatever the model dtype
+    # the trainable change ΔW on the parameter's device, in the dtype apply adds it in: fp32 for fp32/fp16/bf16
+    # weights, fp64 for fp64 ones (an fp64 W₀ is never rounded to fp32 on the way)
     deltas = {
-        n: torch.zeros(p.shape, dtype=torch.float32, device=p.device, requires_grad=True)
+        n: torch.zeros(p.shape, dtype=compute_dtype(p.dtype), device=p.device, requires_grad=True)
         for n, p in base.items()
     }
     eps = config.norm_constraint
 
     def logits_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        weights = {n: (base[n].float() + deltas[n]).to(base[n].dtype) for n in names}
+        weights = {n: (base[n].to(deltas[n].dtype) + deltas[n]).to(base[n].dtype) for n in names}
         out = functional_call(
             model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": mask}, strict=False
         )

@@ -44,6 +44,7 @@ from kedit.core.batching import check_conflicts, device_of
 from kedit.core.context import EditContext
 from kedit.core.keys import target_ids
 from kedit.deltas import DenseUpdate, EditDelta
+from kedit.deltas.ledger import compute_dtype
 from kedit.hooks import trace
 from kedit.methods.presets import preset_for
 from kedit.methods.registry import register_method
@@ -183,7 +184,7 @@ def knowledge_neurons(scores: Sequence[torch.Tensor], config: KNConfig) -> list[
 def edit_vector(embed: torch.Tensor, new: Sequence[int], old: Sequence[int]) -> torch.Tensor:
     """The column change of the reference: ``2E[o*] − 2E[o]`` for single tokens, each token once otherwise
     (each side independently)."""
-    E = embed.float()
+    E = embed.double() if embed.dtype == torch.float64 else embed.float()
     plus = 2 * E[new[0]] if len(new) == 1 else E[list(new)].sum(0)
     minus = 2 * E[old[0]] if len(old) == 1 else E[list(old)].sum(0)
     return plus - minus
@@ -270,9 +271,11 @@ def compute_kn(
         if not columns[layer]:
             continue
         d, d_k = d_out[layer]
-        D = torch.zeros(d, d_k, dtype=torch.float32, device=embed.device)
+        # on the edited weight's device (the embedding may live on another shard), fp32 (fp64 for fp64 weights)
+        weight = adapter.module(model, "mlp_out", layer).weight
+        D = torch.zeros(d, d_k, dtype=compute_dtype(weight.dtype), device=weight.device)
         for n, v in columns[layer].items():
-            D[:, n] = v
+            D[:, n] = v.to(D.device)
         updates.append(DenseUpdate.from_math(model, adapter.weight_name("mlp_out", layer), D))
     out = EditDelta.for_model(
         model,

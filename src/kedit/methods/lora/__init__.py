@@ -29,6 +29,7 @@ import torch
 from kedit.arch import get_adapter, is_transposed
 from kedit.core.batching import check_conflicts, device_of
 from kedit.core.context import EditContext
+from kedit.core.walk import factors_for
 from kedit.deltas import EditDelta, LowRankUpdate
 from kedit.fingerprint import tensor_fingerprint
 from kedit.methods.ft import resolve_projections
@@ -95,19 +96,23 @@ def lora_factors(
     model, paths: Sequence[str], adapter_name: str
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{path: (left [out, r], right [r, in])}`` with ``ΔW_math = left @ right = scaling · B A`` for each peft LoRA
-    layer at ``paths`` (read while the adapters are injected; fp32 copies).
+    layer at ``paths`` (read while the adapters are injected; copies).
 
     peft keeps ``lora_A.weight`` as ``[r, in]`` and ``lora_B.weight`` as ``[out, r]`` in math orientation for both
     ``nn.Linear`` and ``Conv1D`` (``fan_in_fan_out`` only transposes the *base* weight), so no transpose is needed
     here; :meth:`LowRankUpdate.from_math` converts to the storage orientation of the original module.
+
+    The copies are on the base weight's device, fp32 (fp64 for an fp64 base weight, as the delta is applied in).
     """
     out = {}
     for p in paths:
         layer = model.get_submodule(p)
-        A = layer.lora_A[adapter_name].weight.detach().float()
-        B = layer.lora_B[adapter_name].weight.detach().float()
+        w = layer.get_base_layer().weight
+        A = layer.lora_A[adapter_name].weight.detach()
+        B = layer.lora_B[adapter_name].weight.detach()
         scale = float(layer.scaling[adapter_name])
-        out[p] = (scale * B, A.clone())
+        left, right = factors_for(w, B, A)
+        out[p] = (scale * left, right.clone())
     return out
 
 

@@ -32,12 +32,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kedit.arch import get_adapter, math_weight
+from kedit.arch import get_adapter
 from kedit.core.config import SINGLE_LAYER_AT, auto_layers, target_config
 from kedit.core.context import EditContext
 from kedit.core.keys import compute_keys
 from kedit.core.solve import rome_rank_one
 from kedit.core.targets import Site, optimize_targets, prompt_text
+from kedit.core.walk import add_in_place, factors_for
 from kedit.deltas import EditDelta, LowRankUpdate
 from kedit.methods.presets import preset_for
 from kedit.methods.registry import register_method
@@ -133,7 +134,12 @@ def compute_rome(
                 u_src, k_den = {"rome": (k_star, k_e), "prompt": (k_e, k_e)}[config.key_mode]
                 residual = delta
             r, u = rome_rank_one(
-                None if C is None else C, u_src, k_den, residual, ridge=config.mom2_ridge, what=f"ROME layer {layer}"
+                None if C is None else C.to(u_src.device),  # C lives on the CPU (StatsCache); the keys do not
+                u_src,
+                k_den,
+                residual.to(u_src.device),
+                ridge=config.mom2_ridge,
+                what=f"ROME layer {layer}",
             )
             lefts.append(r)
             rights.append(u)
@@ -148,16 +154,16 @@ def compute_rome(
                     "v0_norm": float(res.init[site][0].norm()),
                 }
             )
-            if i < len(requests) - 1:  # later requests see this one, as in the reference loop
+            if i < len(requests) - 1:  # later requests see this one, as in the reference loop (rounded as apply)
                 with torch.no_grad():
-                    math_weight(module).add_(torch.outer(r, u).to(weight.dtype))
+                    add_in_place(module, r[:, None], u[None, :])
             if ctx.progress is not None:
                 ctx.report("rome", i + 1, len(requests))
     finally:
         with torch.no_grad():
             weight.copy_(original)
-    left = torch.stack(lefts, dim=1).float()  # [d, n]
-    right = torch.stack(rights, dim=0).float()  # [n, d_k]
+    # [d, n] and [n, d_k] on the weight's device, fp32 (fp64 for an fp64 weight)
+    left, right = factors_for(weight, torch.stack(lefts, dim=1), torch.stack(rights, dim=0))
     update = LowRankUpdate.from_math(model, param_name, left, right)
     out = EditDelta.for_model(
         model,
