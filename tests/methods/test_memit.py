@@ -6,11 +6,13 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import numpy as np
 import pytest
 import torch
 from lte_common import (
     LAYERS,
     REQS,
+    TEMPLATES,
     apply_revert_exact,
     assert_close_rel,
     config,
@@ -26,8 +28,18 @@ from lte_common import (
 
 from kedit.arch import get_adapter
 from kedit.core.context import EditContext
-from kedit.core.solve import SingularSystemError
+from kedit.core.solve import DEAD_RTOL, SingularSystemError
 from kedit.methods.registry import get_method
+
+
+def numpy_ridge_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """MEMIT's Δ = R Kᵀ(λC + KKᵀ)⁻¹ (Meng et al. 2023, eq. 14) recomputed in NumPy float64, on C's live eigenspace
+    (eigenvalues > DEAD_RTOL·max; the whole space when nothing is dead) -- independent of kedit.core.solve."""
+    Kn, Rn, Cn = (t.double().numpy() for t in (K, R, C))
+    s, U = np.linalg.eigh(0.5 * (Cn + Cn.T))
+    U = U[:, s > DEAD_RTOL * s.max()]
+    UK = U.T @ Kn
+    return torch.from_numpy(Rn @ UK.T @ np.linalg.solve(lam * (U.T @ Cn @ U) + UK @ UK.T, U.T))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -55,13 +67,47 @@ def test_memit_invariants(arch):
         K, R = st["K"], st["R"]
         delta_j = math_delta(m, delta, st["layer"])
         C = second_moment(m, c, st["layer"])
-        assert_close_rel(delta_j @ (cfg.mom2_update_weight * C + K @ K.T), R @ K.T)
+        assert_close_rel(delta_j, numpy_ridge_delta(K, R, C, cfg.mom2_update_weight), rtol=1e-6)
         assert torch.linalg.matrix_rank(delta_j, rtol=1e-6).item() <= len(REQS)
         (upd,) = [u for u in delta.updates if u.param == adapter.weight_name("mlp_out", st["layer"])]
         assert upd.rank <= len(REQS)
     diag = delta.meta["diagnostics"]
     assert diag["final_residual_norm"] < diag["stages"][0]["residual_norm"]
     apply_revert_exact(m, delta)
+
+
+def _key_by_hand(m, layer: int, text: str, subject: str) -> torch.Tensor:
+    """The input of ``mlp_out`` at ``layer`` at the subject's last token of ``text``, read with a forward hook."""
+    enc = tok()(text, return_offsets_mapping=True, return_tensors="pt")
+    end = text.index(subject) + len(subject)
+    pos = max(i for i, (a, _) in enumerate(enc["offset_mapping"][0].tolist()) if a < end)
+    seen = {}
+
+    def hook(mod, args, out):
+        seen["k"] = args[0][0, pos].detach()
+
+    handle = get_adapter(m).module(m, "mlp_out", layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            m(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        handle.remove()
+    return seen["k"].double()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_memit_first_layer_keys_by_hand(arch):
+    """The keys of the first stage (unedited model), recomputed with a hook: ½ k(plain prompt) + ½ mean over the
+    prefixed templates -- independent of the code's key extraction."""
+    m = model(arch)
+    delta = get_method("memit").compute(m, tok(), REQS, config("memit", mom2_update_weight=50.0), ctx())
+    K = stages(delta)[0]["K"]
+    for i, req in enumerate(REQS):
+        prompt = req.prompt.format(req.subject)
+        plain = _key_by_hand(m, LAYERS[0], prompt, req.subject)
+        prefixed = [_key_by_hand(m, LAYERS[0], t.format(prompt), req.subject) for t in TEMPLATES if t != "{}"]
+        expected = 0.5 * plain + 0.5 * torch.stack(prefixed).mean(0)
+        assert_close_rel(K[:, i], expected, rtol=1e-4)
 
 
 def test_memit_edit_reaches_target_with_small_lambda():

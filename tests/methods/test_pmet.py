@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from lte_common import (
@@ -27,7 +28,18 @@ from lte_common import (
 )
 
 from kedit.arch import get_adapter
+from kedit.core.solve import DEAD_RTOL
 from kedit.methods.registry import get_method
+
+
+def numpy_ridge_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """MEMIT's Δ = R Kᵀ(λC + KKᵀ)⁻¹ (Meng et al. 2023, eq. 14) recomputed in NumPy float64, on C's live eigenspace
+    (eigenvalues > DEAD_RTOL·max; the whole space when nothing is dead) -- independent of kedit.core.solve."""
+    Kn, Rn, Cn = (t.double().numpy() for t in (K, R, C))
+    s, U = np.linalg.eigh(0.5 * (Cn + Cn.T))
+    U = U[:, s > DEAD_RTOL * s.max()]
+    UK = U.T @ Kn
+    return torch.from_numpy(Rn @ UK.T @ np.linalg.solve(lam * (U.T @ Cn @ U) + UK @ UK.T, U.T))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -51,7 +63,7 @@ def test_pmet_invariants(arch):
         K, R = st["K"], st["R"]
         delta_j = math_delta(m, delta, st["layer"])
         C = second_moment(m, c, st["layer"])
-        assert_close_rel(delta_j @ (K @ K.T + cfg.mom2_update_weight * C), R @ K.T)
+        assert_close_rel(delta_j, numpy_ridge_delta(K, R, C, cfg.mom2_update_weight), rtol=1e-6)
         assert torch.linalg.matrix_rank(delta_j, rtol=1e-6).item() <= len(REQS)
     # attention parameters are never touched, also after applying
     attn_prefixes = tuple(adapter.path("attn", l) + "." for l in range(adapter.num_layers(m)))
@@ -66,10 +78,3 @@ def test_pmet_invariants(arch):
     assert unchanged(m, before)
     apply_revert_exact(m, delta)
 
-
-def test_pmet_uses_adaptive_two_site_targets():
-    m = model("llama")
-    delta = get_method("pmet").compute(m, tok(), REQS, config("pmet", layers=(1, 2)), ctx())
-    diag = delta.meta["diagnostics"]["targets"]
-    assert len(diag) == len(REQS) and all(t["target_layer"] == 2 for t in diag)
-    assert all(t["delta_norm"] <= 0.75 * t["v0_norm"] * (1 + 1e-5) for t in diag)  # clamp on m
