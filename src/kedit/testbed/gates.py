@@ -112,7 +112,9 @@ def greedy_generate(
             ids, mask = pad_batch([[bos] + e for e in enc[s : s + batch_size]], pad, dev, side="left")
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
             cache = DynamicCache()
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+            res = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache}
+            )
             nxt = res.logits[:, -1].argmax(-1)
             gen = [nxt]
             done = nxt == eos
