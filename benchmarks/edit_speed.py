@@ -25,7 +25,14 @@ import subprocess
 import sys
 import time
 
-DEFAULT_METHODS = ["rome", "memit", "pmet", "alphaedit", "emmet", "ft-m", "lora", "kn"]
+
+
+def registered_methods() -> list[str]:
+    """The default ``--methods``: every editing method kedit ships, from the registry (a new method joins the
+    grid by registering; third-party registrations are left out)."""
+    from kedit.methods.registry import list_methods
+
+    return [s.name for s in list_methods() if s.compute.__module__.startswith("kedit.methods")]
 
 
 def run_cell(method: str, model: str, batch: int, threads: int) -> dict:
@@ -199,7 +206,9 @@ def _child(args: list[str]) -> tuple[dict | None, float, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="default: every method kedit registers (kedit.methods.registry.list_methods()); "
+                        "--methods alone: no cells (only the ratio blocks)")
     p.add_argument("--models", nargs="*", default=["testbed-gpt2", "testbed-llama"])
     p.add_argument("--batches", nargs="*", type=int, default=[1, 10, 100])
     p.add_argument("--ratio-n", type=int, default=32,
@@ -222,10 +231,11 @@ def main() -> None:
         sys.stdout.write(json.dumps(rome_ratio(a._rome[0], int(a._rome[1]), a.threads)) + "\n")
         return
 
+    methods = registered_methods() if a.methods is None else a.methods
     rows, ratios, rome = [], [], []
     print(f"{'method':<12} {'model':<14} {'batch':>6} {'seconds':>9} {'s/edit':>8} {'peak RSS MB':>12}")
     for model in a.models:
-        for method in a.methods:
+        for method in methods:
             for batch in a.batches:
                 res, rss, error = _child(["--threads", str(a.threads), "--_cell", method, model, str(batch)])
                 row = {"method": method, "model": model, "batch": batch, "peak_rss_mb": round(rss, 1)}
