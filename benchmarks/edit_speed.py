@@ -159,21 +159,24 @@ def rome_ratio(model: str, n: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from kedit.api import load_model
     from kedit.arch import get_adapter
+    from kedit.core.config import SINGLE_LAYER_AT, auto_layers, target_config
     from kedit.core.context import EditContext
-    from kedit.core.targets import Site, TargetConfig, optimize_targets
+    from kedit.core.targets import Site, optimize_targets
     from kedit.methods.presets import preset_for
-    from kedit.methods.rome import ROMEConfig, _auto_layer
+    from kedit.methods.rome import ROMEConfig
     from kedit.testbed import edit_requests, load_world
 
     m, tok = load_model(model)
     adapter = get_adapter(m)
     rc = ROMEConfig(**{k: (tuple(map(tuple, v)) if k == "context_lengths" else v)
                        for k, v in preset_for("rome", m).items()})
-    layer = rc.layer if rc.layer is not None else _auto_layer(adapter.num_layers(m))
+    # the layer and the target settings exactly as kedit's ROME derives them (kedit.methods.rome.compute_rome)
+    if rc.layer is not None:
+        layer = rc.layer
+    else:
+        (layer,) = auto_layers(adapter.num_layers(m), count=1, last_at=SINGLE_LAYER_AT)
     templates = EditContext().context_templates(m, tok, rc.context_lengths)
-    cfg = TargetConfig(lr=rc.v_lr, steps=rc.v_steps, weight_decay=rc.v_weight_decay,
-                       clamp_norm_factor=rc.clamp_norm_factor, kl_factor=rc.kl_factor,
-                       early_stop_loss=rc.early_stop_loss)
+    cfg = target_config(rc)
     site = Site("mlp_out", layer)
     reqs = edit_requests(load_world(), n=n)
     t_kedit = t_plain = 0.0

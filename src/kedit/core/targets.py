@@ -186,6 +186,11 @@ def optimize_targets(
     pid = pad_id(tok)
     was_training = model.training
     model.eval()
+    # δ is the only leaf that needs a gradient: frozen parameters keep autograd from recording (and saving
+    # activations for) the weight-gradient side of every op; restored as they were afterwards
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grad_flags:
+        p.requires_grad_(False)
     try:
         # -- pass 0: v_0 at every site (plain prompt) and the initial KL distributions --------------------------
         plain = [next(r for r in rows if r.req == i and r.kind == "rewrite") for i in range(n)]
@@ -280,6 +285,8 @@ def optimize_targets(
                     delta[s].mul_(scale.unsqueeze(-1))
             steps[~frozen.cpu()] += 1
     finally:
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
         model.train(was_training)
     return TargetResult(
         sites=sites,
@@ -476,6 +483,21 @@ def _replayed(blocks: nn.ModuleList, start: int, states: torch.Tensor, out_len: 
                 block.forward = prev
 
 
+def _fresh_cache(prefix: object) -> object:
+    """A cache holding ``prefix``'s keys and values, for one step's forward to extend (the prefix stays as it
+    is). The cache layers' ``update`` concatenates into new tensors, so the new cache can share the prefix tensors:
+    this costs a few small copies where ``copy.deepcopy`` walks the whole cache object every step."""
+    from transformers import DynamicCache
+
+    layers = getattr(prefix, "layers", None)
+    if type(prefix) is DynamicCache and layers is not None:
+        try:
+            return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in layers])
+        except (AttributeError, TypeError):  # pragma: no cover - a transformers without these names
+            pass
+    return copy.deepcopy(prefix)
+
+
 def _chunk_losses(
     model: nn.Module,
     chunk: list[_Row],
@@ -518,7 +540,7 @@ def _chunk_losses(
                 model(input_ids=ids[:, :pre], attention_mask=mask[:, :pre], position_ids=pos[:, :pre],
                       use_cache=True, **{plan.cache_kw: prefix_cache})
             plan.prefixes[key] = prefix_cache
-        run.update({"use_cache": True, plan.cache_kw: copy.deepcopy(plan.prefixes[key])})
+        run.update({"use_cache": True, plan.cache_kw: _fresh_cache(plan.prefixes[key])})
     subj = torch.tensor([r.subj + sh for r, sh in zip(chunk, shift)], device=device)
     rows_idx = torch.arange(len(chunk), device=device)
 
