@@ -26,7 +26,6 @@ import sys
 import time
 
 
-
 def registered_methods() -> list[str]:
     """The default ``--methods``: every editing method kedit ships, from the registry (a new method joins the
     grid by registering; third-party registrations are left out)."""
