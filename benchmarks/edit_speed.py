@@ -25,7 +25,13 @@ import subprocess
 import sys
 import time
 
-DEFAULT_METHODS = ["rome", "memit", "pmet", "alphaedit", "emmet", "ft-m", "lora", "kn"]
+
+def registered_methods() -> list[str]:
+    """The default ``--methods``: every editing method kedit ships, from the registry (a new method joins the
+    grid by registering; third-party registrations are left out)."""
+    from kedit.methods.registry import list_methods
+
+    return [s.name for s in list_methods() if s.compute.__module__.startswith("kedit.methods")]
 
 
 def run_cell(method: str, model: str, batch: int, threads: int) -> dict:
@@ -152,21 +158,24 @@ def rome_ratio(model: str, n: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from kedit.api import load_model
     from kedit.arch import get_adapter
+    from kedit.core.config import SINGLE_LAYER_AT, auto_layers, target_config
     from kedit.core.context import EditContext
-    from kedit.core.targets import Site, TargetConfig, optimize_targets
+    from kedit.core.targets import Site, optimize_targets
     from kedit.methods.presets import preset_for
-    from kedit.methods.rome import ROMEConfig, _auto_layer
+    from kedit.methods.rome import ROMEConfig
     from kedit.testbed import edit_requests, load_world
 
     m, tok = load_model(model)
     adapter = get_adapter(m)
     rc = ROMEConfig(**{k: (tuple(map(tuple, v)) if k == "context_lengths" else v)
                        for k, v in preset_for("rome", m).items()})
-    layer = rc.layer if rc.layer is not None else _auto_layer(adapter.num_layers(m))
+    # the layer and the target settings exactly as kedit's ROME derives them (kedit.methods.rome.compute_rome)
+    if rc.layer is not None:
+        layer = rc.layer
+    else:
+        (layer,) = auto_layers(adapter.num_layers(m), count=1, last_at=SINGLE_LAYER_AT)
     templates = EditContext().context_templates(m, tok, rc.context_lengths)
-    cfg = TargetConfig(lr=rc.v_lr, steps=rc.v_steps, weight_decay=rc.v_weight_decay,
-                       clamp_norm_factor=rc.clamp_norm_factor, kl_factor=rc.kl_factor,
-                       early_stop_loss=rc.early_stop_loss)
+    cfg = target_config(rc)
     site = Site("mlp_out", layer)
     reqs = edit_requests(load_world(), n=n)
     t_kedit = t_plain = 0.0
@@ -199,7 +208,9 @@ def _child(args: list[str]) -> tuple[dict | None, float, str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="default: every method kedit registers (kedit.methods.registry.list_methods()); "
+                        "--methods alone: no cells (only the ratio blocks)")
     p.add_argument("--models", nargs="*", default=["testbed-gpt2", "testbed-llama"])
     p.add_argument("--batches", nargs="*", type=int, default=[1, 10, 100])
     p.add_argument("--ratio-n", type=int, default=32,
@@ -222,10 +233,11 @@ def main() -> None:
         sys.stdout.write(json.dumps(rome_ratio(a._rome[0], int(a._rome[1]), a.threads)) + "\n")
         return
 
+    methods = registered_methods() if a.methods is None else a.methods
     rows, ratios, rome = [], [], []
     print(f"{'method':<12} {'model':<14} {'batch':>6} {'seconds':>9} {'s/edit':>8} {'peak RSS MB':>12}")
     for model in a.models:
-        for method in a.methods:
+        for method in methods:
             for batch in a.batches:
                 res, rss, error = _child(["--threads", str(a.threads), "--_cell", method, model, str(batch)])
                 row = {"method": method, "model": model, "batch": batch, "peak_rss_mb": round(rss, 1)}

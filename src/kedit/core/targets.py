@@ -186,6 +186,11 @@ def optimize_targets(
     pid = pad_id(tok)
     was_training = model.training
     model.eval()
+    # δ is the only leaf that needs a gradient: frozen parameters keep autograd from recording (and saving
+    # activations for) the weight-gradient side of every op; restored as they were afterwards
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in grad_flags:
+        p.requires_grad_(False)
     try:
         # -- pass 0: v_0 at every site (plain prompt) and the initial KL distributions --------------------------
         plain = [next(r for r in rows if r.req == i and r.kind == "rewrite") for i in range(n)]
@@ -228,7 +233,7 @@ def optimize_targets(
                 chunks = _length_buckets([r for r in rows if not done[r.req]], config.max_rows,
                                          config.chunk_overhead_tokens, by_prefix=plan.cache_kw is not None)
                 chunks_for = done.clone()
-                plan.prefixes.clear()
+                plan.layouts.clear()
             nll = torch.zeros(n, device=device)
             kl = torch.zeros(n, device=device)
             argmax_ok = torch.ones(n, dtype=torch.bool, device=device)
@@ -280,6 +285,8 @@ def optimize_targets(
                     delta[s].mul_(scale.unsqueeze(-1))
             steps[~frozen.cpu()] += 1
     finally:
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
         model.train(was_training)
     return TargetResult(
         sites=sites,
@@ -359,7 +366,8 @@ class _Plan:
     norm: nn.Module | None = None  #: final norm, whose output the LM head is applied to (head-only logits)
     head: nn.Module | None = None
     cache_kw: str | None = None  #: the forward's key/value-cache argument when the prefix is reused, else None
-    prefixes: dict[tuple[int, ...], object] = field(default_factory=dict)  #: chunk rows -> prefix cache
+    #: chunk rows -> the chunk's step-independent tensors and prefix cache (rebuilt when the chunks change)
+    layouts: dict[tuple[int, ...], _Layout] = field(default_factory=dict)
 
 
 def _first_block(adapter: ArchAdapter, site: Site) -> int:
@@ -476,18 +484,44 @@ def _replayed(blocks: nn.ModuleList, start: int, states: torch.Tensor, out_len: 
                 block.forward = prev
 
 
-def _chunk_losses(
-    model: nn.Module,
-    chunk: list[_Row],
-    delta: dict[Site, torch.Tensor],
-    plan: _Plan,
-    kl_init: torch.Tensor,
-    pid: int,
-    device: torch.device,
-    n: int,
-    n_rewrite: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-request NLL (mean over the request's rewrite rows) and KL summed over this chunk's rows."""
+def _fresh_cache(prefix: object) -> object:
+    """A cache holding ``prefix``'s keys and values, for one step's forward to extend (the prefix stays as it
+    is). The cache layers' ``update`` concatenates into new tensors, so the new cache can share the prefix tensors:
+    this costs a few small copies where ``copy.deepcopy`` walks the whole cache object every step."""
+    from transformers import DynamicCache
+
+    layers = getattr(prefix, "layers", None)
+    if type(prefix) is DynamicCache and layers is not None:
+        try:
+            return DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in layers])
+        except (AttributeError, TypeError):  # pragma: no cover - a transformers without these names
+            pass
+    return copy.deepcopy(prefix)
+
+
+@dataclass
+class _Layout:
+    """The step-independent tensors of one chunk (built once per chunk, reused by every step)."""
+
+    req: torch.Tensor
+    run: dict[str, object]
+    pre: int
+    shift: list[int]
+    subj: torch.Tensor
+    rows_idx: torch.Tensor
+    b_t: torch.Tensor
+    t_t: torch.Tensor
+    n_tgt: int
+    kr: list[int]
+    tgt_t: torch.Tensor | None = None
+    owner_t: torch.Tensor | None = None
+    w: torch.Tensor | None = None
+    kl_owners: torch.Tensor | None = None
+
+
+def _layout(
+    model: nn.Module, chunk: list[_Row], plan: _Plan, pid: int, device: torch.device, n_rewrite: torch.Tensor
+) -> _Layout:
     req = torch.tensor([r.req for r in chunk], device=device)
     # With a reused prefix the rows are aligned on the subject's last token (left padding, explicit position
     # ids): the `pre` columns before it see no δ and come from a key/value cache built once per chunk, and each
@@ -509,18 +543,63 @@ def _chunk_losses(
     if plan.cache_kw is not None:
         run = {"input_ids": ids[:, pre:], "attention_mask": mask, "position_ids": pos[:, pre:], "use_cache": False}
     if pre > 0:
-        key = tuple(r.index for r in chunk)
-        if key not in plan.prefixes:
-            from transformers import DynamicCache
+        from transformers import DynamicCache
 
-            prefix_cache = DynamicCache()
-            with torch.no_grad():
-                model(input_ids=ids[:, :pre], attention_mask=mask[:, :pre], position_ids=pos[:, :pre],
-                      use_cache=True, **{plan.cache_kw: prefix_cache})
-            plan.prefixes[key] = prefix_cache
-        run.update({"use_cache": True, plan.cache_kw: copy.deepcopy(plan.prefixes[key])})
+        prefix_cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids[:, :pre], attention_mask=mask[:, :pre], position_ids=pos[:, :pre],
+                  use_cache=True, **{plan.cache_kw: prefix_cache})
+        run.update({"use_cache": True, plan.cache_kw: prefix_cache})
     subj = torch.tensor([r.subj + sh for r, sh in zip(chunk, shift)], device=device)
-    rows_idx = torch.arange(len(chunk), device=device)
+    # the positions the loss reads: every target token of the rewrite rows, the subject's last token of KL rows
+    rw = [i for i, r in enumerate(chunk) if r.kind == "rewrite"]
+    kr = [i for i, r in enumerate(chunk) if r.kind == "kl"]
+    b_idx, t_idx, tgt, owner, tok_w = [], [], [], [], []
+    for i in rw:
+        r = chunk[i]
+        for t, tid in enumerate(r.tgt):
+            b_idx.append(i)
+            t_idx.append(r.tgt_start + t + shift[i])
+            tgt.append(tid)
+            owner.append(r.req)
+            tok_w.append(1.0 / len(r.tgt))
+    n_tgt = len(b_idx)
+    b_idx += kr
+    t_idx += [chunk[i].subj + shift[i] for i in kr]
+    lay = _Layout(
+        req=req, run=run, pre=pre, shift=shift, subj=subj, rows_idx=torch.arange(len(chunk), device=device),
+        b_t=torch.tensor(b_idx, device=device, dtype=torch.long),
+        t_t=torch.tensor(t_idx, device=device, dtype=torch.long), n_tgt=n_tgt, kr=kr,
+    )
+    if n_tgt:
+        lay.tgt_t = torch.tensor(tgt, device=device)
+        lay.owner_t = torch.tensor(owner, device=device)
+        lay.w = torch.tensor(tok_w, device=device) / n_rewrite[lay.owner_t]
+    if kr:
+        lay.kl_owners = req[torch.tensor(kr, device=device)]
+    return lay
+
+
+def _chunk_losses(
+    model: nn.Module,
+    chunk: list[_Row],
+    delta: dict[Site, torch.Tensor],
+    plan: _Plan,
+    kl_init: torch.Tensor,
+    pid: int,
+    device: torch.device,
+    n: int,
+    n_rewrite: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-request NLL (mean over the request's rewrite rows) and KL summed over this chunk's rows."""
+    key = tuple(r.index for r in chunk)
+    lay = plan.layouts.get(key)
+    if lay is None:
+        lay = plan.layouts[key] = _layout(model, chunk, plan, pid, device, n_rewrite)
+    req, shift, subj, rows_idx = lay.req, lay.shift, lay.subj, lay.rows_idx
+    run = dict(lay.run)
+    if lay.pre > 0:
+        run[plan.cache_kw] = _fresh_cache(run[plan.cache_kw])
 
     def bump(out: torch.Tensor, site: Site) -> torch.Tensor:
         # δ lives where v_0 was read (the site's device, which a sharded model need not share with the inputs)
@@ -552,22 +631,7 @@ def _chunk_losses(
                       detach=False, stop=plan.head is not None)
             )
         logits = model(**run).logits
-    # the positions the loss reads: every target token of the rewrite rows, the subject's last token of KL rows
-    rw = [i for i, r in enumerate(chunk) if r.kind == "rewrite"]
-    kr = [i for i, r in enumerate(chunk) if r.kind == "kl"]
-    b_idx, t_idx, tgt, owner, tok_w = [], [], [], [], []
-    for i in rw:
-        r = chunk[i]
-        for t, tid in enumerate(r.tgt):
-            b_idx.append(i)
-            t_idx.append(r.tgt_start + t + shift[i])
-            tgt.append(tid)
-            owner.append(r.req)
-            tok_w.append(1.0 / len(r.tgt))
-    n_tgt = len(b_idx)
-    b_idx += kr
-    t_idx += [chunk[i].subj + shift[i] for i in kr]
-    b_t, t_t = torch.tensor(b_idx, device=device, dtype=torch.long), torch.tensor(t_idx, device=device, dtype=torch.long)
+    b_t, t_t, n_tgt, kr = lay.b_t, lay.t_t, lay.n_tgt, lay.kr
     if logits is None:  # head-only: the forward stopped after the final norm
         assert tr is not None and plan.head is not None
         sel_all = plan.head(tr[_NORM].output[b_t, t_t]).float()
@@ -578,17 +642,15 @@ def _chunk_losses(
     ok = torch.ones(n, dtype=torch.bool, device=device)
     if n_tgt:
         sel = sel_all[:n_tgt]
-        tgt_t = torch.tensor(tgt, device=device)
+        tgt_t, owner_t, w = lay.tgt_t, lay.owner_t, lay.w
         logp = F.log_softmax(sel, dim=-1).gather(1, tgt_t[:, None]).squeeze(1)
-        owner_t = torch.tensor(owner, device=device)
-        w = torch.tensor(tok_w, device=device) / n_rewrite[owner_t]
         nll = nll.index_add(0, owner_t, -logp * w)
         wrong = (sel.argmax(-1) != tgt_t).float()
         bad = torch.zeros(n, device=device).index_add(0, owner_t, wrong)
         ok = bad == 0
     if kr:
         cur = F.log_softmax(sel_all[n_tgt:], dim=-1)
-        owners = req[torch.tensor(kr, device=device)]
+        owners = lay.kl_owners
         init = kl_init[owners]
         kl_rows = (cur.exp() * (cur - init)).sum(-1)
         kl = kl.index_add(0, owners, kl_rows)

@@ -333,33 +333,106 @@ def merge_builds(parts: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
     return manifest
 
 
+def _part_main(argv: Sequence[str]) -> None:
+    """Entry point of one :func:`build_testbed_parallel` child: ``out arch micro(0/1) seed epochs|- world|-``
+    (``world``: the :class:`WorldConfig` fields as JSON)."""
+    out, arch, micro, seed, epochs, world = argv
+    build_testbed(
+        out,
+        archs=(arch,),
+        micro=micro == "1",
+        seed=int(seed),
+        epochs=None if epochs == "-" else int(epochs),
+        world_config=None if world == "-" else WorldConfig(**json.loads(world)),
+    )
+
+
+def _stderr_tail(path: Path, n: int = 25) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
 def build_testbed_parallel(
-    out_dir: str | Path, *, micro: bool = False, seed: int = DEFAULT_SEED, archs: Sequence[str] = ARCHS
+    out_dir: str | Path,
+    *,
+    micro: bool = False,
+    seed: int = DEFAULT_SEED,
+    archs: Sequence[str] = ARCHS,
+    epochs: int | None = None,
+    world_config: WorldConfig | None = None,
+    poll_seconds: float = 0.5,
 ) -> dict[str, Any]:
     """:func:`build_testbed` with one process per architecture (each trains on one thread), merged with
     :func:`merge_builds`; the files are identical to a sequential build. Returns the manifest. ``kedit testbed
-    build`` uses it when at least two cores are usable."""
-    import shutil
+    build`` uses it when at least two cores are usable.
+
+    The children run the same kedit as the caller (its package directory goes first on their ``PYTHONPATH``). If
+    one fails, the others are stopped and a :class:`RuntimeError` names the architecture, its exit code and the end
+    of its error output; nothing is written to ``out_dir`` but the (emptied) directory itself. An interrupted
+    build in ``out_dir`` is started over, as with :func:`build_testbed`.
+    """
+    import os
     import subprocess
     import sys
     import tempfile
 
+    from .train import DEFAULT_SPECS, MICRO_SPECS
+
+    archs = tuple(archs)
+    specs = MICRO_SPECS if micro else DEFAULT_SPECS
+    unknown = [a for a in archs if a not in specs]
+    if unknown or not archs or len(set(archs)) != len(archs):
+        raise ValueError(
+            f"archs must be distinct testbed architectures from {sorted(specs)}, got {list(archs)}"
+        )
     out = Path(out_dir)
     _clear_incomplete(out)
     out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[2])  # the directory holding this kedit package
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    extra = [
+        "-" if epochs is None else str(int(epochs)),
+        "-" if world_config is None else json.dumps(asdict(world_config)),
+    ]
+    code = "import sys; from kedit.testbed.build import _part_main; _part_main(sys.argv[1:])"
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-parts-") as tmp:
         parts = [Path(tmp) / arch for arch in archs]
-        code = "import sys; from kedit.testbed.build import build_testbed; " + (
-            "build_testbed(sys.argv[1], archs=(sys.argv[2],), micro=sys.argv[3] == '1', seed=int(sys.argv[4]))"
-        )
-        procs = [
-            subprocess.Popen([sys.executable, "-c", code, str(p), arch, "1" if micro else "0", str(seed)])
-            for p, arch in zip(parts, archs)
-        ]
-        codes = [pr.wait() for pr in procs]
-        if any(codes):
-            raise RuntimeError(f"parallel testbed build failed (exit codes {dict(zip(archs, codes))})")
+        logs = [Path(tmp) / f"{arch}.stderr" for arch in archs]
+        procs: list[subprocess.Popen] = []
+        try:
+            for p, arch, log_path in zip(parts, archs, logs):
+                with log_path.open("wb") as err:
+                    argv = [str(p), arch, "1" if micro else "0", str(seed), *extra]
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-c", code, *argv], stderr=err, stdin=subprocess.DEVNULL, env=env
+                        )
+                    )
+            while True:
+                codes = [pr.poll() for pr in procs]
+                if any(c not in (None, 0) for c in codes) or all(c == 0 for c in codes):
+                    break
+                time.sleep(poll_seconds)
+        finally:
+            for pr in procs:  # a failed sibling, an exception or Ctrl-C here: stop what still runs
+                if pr.poll() is None:
+                    pr.terminate()
+            for pr in procs:
+                try:
+                    pr.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # pragma: no cover - a child ignoring SIGTERM
+                    pr.kill()
+                    pr.wait()
+        failed = [(a, c, lp) for a, c, lp in zip(archs, codes, logs) if c not in (None, 0)]
+        if failed:
+            report = "; ".join(
+                f"{a} exited with {c}" + (f":\n{_stderr_tail(lp)}" if _stderr_tail(lp) else "")
+                for a, c, lp in failed
+            )
+            raise RuntimeError(f"parallel testbed build into {out} failed: {report}")
         manifest = merge_builds(parts, out)
-        for p in parts:
-            shutil.rmtree(p, ignore_errors=True)
     return manifest

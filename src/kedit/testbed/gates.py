@@ -79,11 +79,24 @@ def recall(
     return (score, hits) if return_hits else score
 
 
+def _cache_kwarg(model: Any) -> str:
+    """Name of the forward argument that takes a KV cache: ``cache`` (transformers >= 5.x, which deprecates
+    ``past_key_values``) or ``past_key_values`` (4.x)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def greedy_generate(
     model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 8, batch_size: int = 128
 ) -> list[str]:
-    """Batched greedy decoding (left-padded, with KV cache); returns the decoded continuations."""
+    """Batched greedy decoding (left-padded, with KV cache); returns the decoded continuations.
+
+    The cache is a :class:`transformers.DynamicCache` made here and filled in place by every forward call (under
+    the argument name the installed transformers expects), so no deprecated cache argument or output is used."""
     import torch
+    from transformers import DynamicCache
 
     from kedit.core.batching import device_of, pad_batch, pad_id
 
@@ -92,13 +105,16 @@ def greedy_generate(
     eos = tokenizer.eos_token_id
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     dev = device_of(model)
+    cache_kw = _cache_kwarg(model)
     out: list[str] = [""] * len(prompts)
     with torch.no_grad():
         for s in range(0, len(enc), batch_size):
             ids, mask = pad_batch([[bos] + e for e in enc[s : s + batch_size]], pad, dev, side="left")
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            past = res.past_key_values
+            cache = DynamicCache()
+            res = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache}
+            )
             nxt = res.logits[:, -1].argmax(-1)
             gen = [nxt]
             done = nxt == eos
@@ -110,10 +126,9 @@ def greedy_generate(
                     input_ids=nxt[:, None],
                     attention_mask=mask,
                     position_ids=last_pos[:, None],
-                    past_key_values=past,
                     use_cache=True,
+                    **{cache_kw: cache},
                 )
-                past = res.past_key_values
                 nxt = res.logits[:, -1].argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
                 gen.append(nxt)
