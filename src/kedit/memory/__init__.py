@@ -122,7 +122,8 @@ def _add(model: nn.Module, records: Sequence[Record], modules: Sequence[str]) ->
             _, d_in, d_out = _dims(model, path)
             book = books.get(path) or Codebook(path, d_in, d_out)
             dev = module.weight.device
-            book.add([Record(r.edit_id, r.key.detach().to(dev, torch.float32), r.value.detach().to(dev, torch.float32),
+            cdt = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+            book.add([Record(r.edit_id, r.key.detach().to(dev, cdt), r.value.detach().to(dev, cdt),
                              r.label, float(r.epsilon), r.method, r.request)
                       for r, p in zip(records, modules) if p == path])
             book.install(module)

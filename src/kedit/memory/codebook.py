@@ -117,9 +117,10 @@ class Codebook:
         self.caps: dict[str, float] = {}
         self.entries: list[Entry] = []
         self._keys: list[torch.Tensor] = []
-        self.keys: torch.Tensor | None = None  # [N, d_in] fp32
-        self.values: torch.Tensor | None = None  # [N, d_out] fp32
-        self.radii: torch.Tensor | None = None  # [N] fp32, slack included
+        # fp32 (fp64 for fp64 models), on the layer's device
+        self.keys: torch.Tensor | None = None  # [N, d_in]
+        self.values: torch.Tensor | None = None  # [N, d_out]
+        self.radii: torch.Tensor | None = None  # [N], slack included
         self.handle: Any = None
 
     # -- state --------------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class Codebook:
             return
         self.keys = torch.stack(self._keys)
         self.values = torch.stack([self.records[e.creator].value for e in self.entries])
-        self.radii = torch.tensor([e.radius * (1 + RADIUS_SLACK) for e in self.entries], dtype=torch.float32,
+        self.radii = torch.tensor([e.radius * (1 + RADIUS_SLACK) for e in self.entries], dtype=self.keys.dtype,
                                   device=self.keys.device)
 
     def owner_of(self, edit_id: str) -> Entry | None:
@@ -171,7 +172,7 @@ class Codebook:
         if self.keys is None:
             n = h.shape[0]
             return torch.zeros(n, dtype=torch.bool, device=h.device), torch.zeros(n, dtype=torch.long, device=h.device)
-        q = h.to(device=self.keys.device, dtype=torch.float32)
+        q = h.to(device=self.keys.device, dtype=self.keys.dtype)
         # the direct kernel, not the matmul expansion: a query equal to a key gets distance 0, not cancellation noise
         d = torch.cdist(q, self.keys, compute_mode="donot_use_mm_for_euclid_dist")
         dmin, idx = d.min(dim=1)

@@ -34,6 +34,7 @@ from kedit.core.batching import device_of
 from kedit.core.context import EditContext
 from kedit.core.keys import target_ids
 from kedit.deltas import EditDelta, MemoryEntryUpdate
+from kedit.deltas.ledger import compute_dtype
 from kedit.methods.ft.objective import keep_grad_flags
 from kedit.methods.presets import preset_for
 from kedit.methods.registry import register_method
@@ -113,8 +114,9 @@ def _edit_one(model: nn.Module, tok, req: EditRequest, module: nn.Module, cfg: G
     store: dict = {}
     with torch.no_grad(), _at(module, last, store):
         model(input_ids=torch.tensor([prompt], device=device))
-    key = store["key"].float().clone()
-    value = store["out"].float().clone().requires_grad_(True)
+    cdt = compute_dtype(module.weight.dtype)  # fp32; fp64 for fp64 models
+    key = store["key"].to(cdt).clone()
+    value = store["out"].to(cdt).clone().requires_grad_(True)
     ids = torch.tensor([prompt + tgt[:-1]], device=device)
     pos = torch.arange(last, last + len(tgt), device=device)
     labels = torch.tensor(tgt, device=device)
