@@ -27,7 +27,7 @@ from kedit.memory import (
     remove_edit,
     save_memory,
 )
-from kedit.requests import EditRequest, RequestError
+from kedit.requests import RequestError
 from kedit.testbed import edit_requests, load_testbed_model
 
 

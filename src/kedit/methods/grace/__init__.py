@@ -123,7 +123,7 @@ def _edit_one(model: nn.Module, tok, req: EditRequest, module: nn.Module, cfg: G
     opt = torch.optim.Adam([value], lr=cfg.value_lr)
     loss_v = float("inf")
     steps = 0
-    for steps in range(1, cfg.value_steps + 1):
+    for steps in range(1, cfg.value_steps + 1):  # noqa: B007  (read after the loop)
         opt.zero_grad()
         with _at(module, last, {}, value):
             logits = model(input_ids=ids).logits[0, pos].float()
