@@ -18,7 +18,9 @@ One concept per module:
 * :mod:`kedit.deltas.updates` -- the update kinds :class:`ParamUpdate`, :class:`LowRankUpdate` (``ΔW = a @ b``,
   ROME is rank one) and :class:`DenseUpdate` (a full ``ΔW``), in the parameter's storage orientation
   (``from_math`` converts from ``[out, in]``, so GPT-2 ``Conv1D`` weights are handled there and in
-  :mod:`kedit.arch` only);
+  :mod:`kedit.arch` only), and :class:`MemoryEntryUpdate` (an entry of a side memory such as GRACE's codebook,
+  :mod:`kedit.memory`: applied by adding it to the model's memory, reverted by removing it by edit id -- in any
+  order, weights never touched);
 * :mod:`kedit.deltas.delta` -- :class:`EditDelta`: apply (with the rounding checks) and revert;
 * :mod:`kedit.deltas.ledger` -- the per-model rollback ledger that makes revert exact with one copy per touched
   parameter, whatever the number of edits (:func:`rollback_bytes`, :func:`applied_deltas`);
@@ -67,7 +69,7 @@ from kedit.deltas.serialization import (
     kedit_version,
     load_delta,
 )
-from kedit.deltas.updates import DenseUpdate, LowRankUpdate, ParamUpdate
+from kedit.deltas.updates import DenseUpdate, LowRankUpdate, MemoryEntryUpdate, ParamUpdate
 
 __all__ = [
     "CONFIG_NAME",
@@ -84,6 +86,7 @@ __all__ = [
     "EditDelta",
     "FingerprintMismatchError",
     "LowRankUpdate",
+    "MemoryEntryUpdate",
     "NonFiniteDeltaError",
     "ParamUpdate",
     "RollbackLedger",

@@ -126,6 +126,8 @@ class EditDelta:
         for name, t in self.extras.items():
             if not isinstance(name, str) or not name or not isinstance(t, torch.Tensor):
                 raise TypeError(f"extras must map non-empty names to tensors, got {name!r}: {type(t).__name__}")
+        if len({u.is_memory for u in self.updates}) > 1:
+            raise ValueError("an EditDelta holds either weight updates or memory entries, not both")
         unknown = set(self.fingerprints) - seen
         if unknown:
             raise ValueError(f"fingerprints given for parameters without an update: {sorted(unknown)}")
@@ -147,6 +149,8 @@ class EditDelta:
         (extra ``meta`` entries are merged in)."""
         fps = {}
         for u in updates:
+            if u.is_memory:  # a side-memory entry touches no parameter
+                continue
             p = get_param(model, u.param)
             if tuple(p.shape) != u.shape:
                 raise ValueError(
@@ -192,6 +196,13 @@ class EditDelta:
     def is_applied(self) -> bool:
         return self._state is not None
 
+    @property
+    def is_memory(self) -> bool:
+        """Whether this delta holds side-memory entries (:mod:`kedit.memory`, e.g. GRACE) instead of weight
+        updates: applying adds them to the model's memory, reverting removes them by edit id; the weights are
+        never changed."""
+        return self.updates[0].is_memory
+
     # -- apply / revert ----------------------------------------------------------------------------------------
     @property
     def application_id(self) -> str | None:
@@ -224,6 +235,13 @@ class EditDelta:
             raise DeltaStateError(
                 f"this {self.method} delta is already applied (to {self.params}); revert it first, or apply a copy()"
             )
+        if self.is_memory:
+            from kedit.memory import add_entries
+
+            add_entries(model, self.updates)  # all-or-nothing; refuses duplicate ids / a foreign layer
+            self.apply_report = {}
+            self._state = RollbackLedger.push(model, self, pre={}, post={}, bases={})
+            return self
         params: dict[str, nn.Parameter] = {}
         for u in self.updates:
             p = get_param(model, u.param)
@@ -326,6 +344,13 @@ class EditDelta:
         """
         entry = self._entry_for(model)
         ledger = entry.ledger
+        if self.is_memory:
+            from kedit.memory import remove_entries
+
+            remove_entries(model, [u.edit_id for u in self.updates], missing_ok=True)
+            ledger.pop(entry, model)
+            self._state = None
+            return
         params = ledger.check_revertible(entry, model, self.method)
         before = {name: ledger.state_before(entry, name, p.device) for name, p in params.items()}
         with torch.no_grad():
@@ -470,6 +495,11 @@ def revert_deltas(model: nn.Module, deltas: Sequence[EditDelta]) -> None:
     with torch.no_grad():
         for name, t in targets.items():
             get_param(model, name).copy_(t)
+    memory_ids = [u.edit_id for d in deltas if d.is_memory for u in d.updates]
+    if memory_ids:
+        from kedit.memory import remove_entries
+
+        remove_entries(model, memory_ids, missing_ok=True)
     for d, entry in zip(deltas, entries):
         ledger.pop(entry, model)
         d._state = None

@@ -156,7 +156,7 @@ class RollbackLedger:
         entry = LedgerEntry(
             ledger=ledger,
             delta=delta,
-            updates={u.param: u for u in delta.updates},
+            updates={u.param: u for u in delta.updates if not u.is_memory},  # memory entries touch no parameter
             pre_fingerprints=dict(pre),
             post_fingerprints=dict(post),
             bases=dict(bases),

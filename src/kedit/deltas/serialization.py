@@ -70,6 +70,8 @@ def write_delta(delta: EditDelta, directory: str | Path, *, include_originals: b
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    if delta.updates and delta.updates[0].is_memory:
+        include_originals = False  # memory entries change no weight: there is nothing to restore
     if include_originals and not delta.is_applied:
         raise DeltaStateError("include_originals=True needs an applied delta (the originals are kept by apply)")
     originals = delta.originals() if include_originals else None  # before touching the directory
@@ -90,16 +92,17 @@ def write_delta(delta: EditDelta, directory: str | Path, *, include_originals: b
             key = f"{u.param}.{suffix}"
             tensors[key] = _cpu(t)
             keys.append(key)
-        entries.append(
-            {
-                "kind": u.kind,
-                "param": u.param,
-                "shape": list(u.shape),
-                "dtype": str(u.dtype).removeprefix("torch."),
-                "rank": u.rank,
-                "keys": keys,
-            }
-        )
+        entry = {
+            "kind": u.kind,
+            "param": u.param,
+            "shape": list(u.shape),
+            "dtype": str(u.dtype).removeprefix("torch."),
+            "rank": u.rank,
+            "keys": keys,
+        }
+        if u.is_memory:
+            entry["info"] = u.info  # type: ignore[attr-defined]
+        entries.append(entry)
     for name, t in delta.extras.items():
         tensors[EXTRA_PREFIX + name] = _cpu(t)
     version = FORMAT_VERSION if delta.extras else 1  # the oldest version that can hold this delta
@@ -173,6 +176,8 @@ def read_delta(cls: type[EditDelta], directory: str | Path) -> EditDelta:
                     raise DeltaFormatError(f"{w_path}: missing tensor {key!r} listed in {CONFIG_NAME}")
                 parts[s] = tensors[key]
                 used.add(key)
+            if kind_cls.is_memory:
+                parts["info"] = dict(e["info"])
             upd = kind_cls(param, **parts)  # type: ignore[call-arg]
             if list(upd.shape) != list(e["shape"]) or str(upd.dtype).removeprefix("torch.") != e["dtype"]:
                 raise DeltaFormatError(

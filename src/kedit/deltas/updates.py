@@ -6,6 +6,8 @@ All kinds are in the parameter's **storage** orientation; ``from_math`` converts
 
 * :class:`LowRankUpdate` ``ΔW = a @ b`` (``a: [rows, r]``, ``b: [r, cols]``) -- ROME is ``r = 1``.
 * :class:`DenseUpdate` a full-shape ``ΔW``.
+* :class:`MemoryEntryUpdate` no weight change at all: one entry of a side memory (GRACE's codebook,
+  :mod:`kedit.memory`) keyed by an edit id; applying adds the entry to the model's memory, reverting removes it.
 
 An update is a value: applying it (``W ← round(W + ΔW)``) and undoing it are :class:`~kedit.deltas.EditDelta`'s
 job. ``dense(dtype, device)`` must be a deterministic function of the stored tensors -- exact rollback replays it
@@ -23,7 +25,7 @@ from torch import nn
 
 from kedit.deltas.errors import DeltaError, NonFiniteDeltaError
 
-__all__ = ["KINDS", "DenseUpdate", "LowRankUpdate", "ParamUpdate", "get_param"]
+__all__ = ["KINDS", "DenseUpdate", "LowRankUpdate", "MemoryEntryUpdate", "ParamUpdate", "get_param"]
 
 
 def _check_finite(param: str, name: str, t: torch.Tensor) -> None:
@@ -67,6 +69,8 @@ class ParamUpdate:
     kind: ClassVar[str] = ""
     #: names of the stored tensors (the keys of :meth:`tensors`, and the constructor's keyword arguments)
     parts: ClassVar[tuple[str, ...]] = ()
+    #: true for side-memory entries (:class:`MemoryEntryUpdate`): nothing is added to a parameter
+    is_memory: ClassVar[bool] = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -231,5 +235,76 @@ class DenseUpdate(ParamUpdate):
         return {"delta": self.delta}
 
 
+@dataclass(eq=False)
+class MemoryEntryUpdate(ParamUpdate):
+    """One entry of a side memory (:mod:`kedit.memory`): the weights are never changed.
+
+    ``param`` is a unique name ``<module path>#<method>:<edit id>`` (not a parameter); ``key`` ``[d_in]`` and
+    ``value`` ``[d_out]`` are the codebook entry, ``info`` the JSON part (``edit_id``, ``module``, ``label``,
+    ``epsilon``, ``method``). :class:`~kedit.deltas.EditDelta` applies it by adding the entry to the model's memory
+    (installed on first use) and reverts it by removing the entry by id (the memory is uninstalled with its last
+    entry), so nothing goes through the rollback ledger's parameter chains.
+    """
+
+    key: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    value: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    info: dict = field(default_factory=dict)
+    kind: ClassVar[str] = "memory_entry"
+    parts: ClassVar[tuple[str, ...]] = ("key", "value")
+    is_memory: ClassVar[bool] = True
+    #: the ``info`` entries every memory entry carries
+    INFO_KEYS: ClassVar[tuple[str, ...]] = ("edit_id", "module", "label", "epsilon", "method")
+
+    def __post_init__(self) -> None:
+        _check_finite(self.param, "key", self.key)
+        _check_finite(self.param, "value", self.value)
+        if self.key.ndim != 1 or self.value.ndim != 1:
+            raise ValueError(
+                f"memory entry {self.param!r}: key and value must be 1-D, got {tuple(self.key.shape)} and "
+                f"{tuple(self.value.shape)}"
+            )
+        if not isinstance(self.info, dict):
+            raise TypeError(f"memory entry {self.param!r}: info must be a dict, got {type(self.info).__name__}")
+        missing = [k for k in self.INFO_KEYS if k not in self.info]
+        if missing:
+            raise ValueError(f"memory entry {self.param!r}: info lacks {missing}")
+        eps = self.info["epsilon"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"memory entry {self.param!r}: epsilon must be a positive number, got {eps!r}")
+        if not isinstance(self.info["edit_id"], str) or not self.info["edit_id"]:
+            raise ValueError(f"memory entry {self.param!r}: edit_id must be a non-empty string")
+
+    @property
+    def edit_id(self) -> str:
+        return str(self.info["edit_id"])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (int(self.key.shape[0]) + int(self.value.shape[0]),)
+
+    @property
+    def rank(self) -> int:
+        return 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.value.dtype
+
+    def dense(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        raise DeltaError(f"{self.param!r} is a memory entry, not a weight update: it has no dense ΔW")
+
+    def norm(self) -> float:
+        return float(torch.linalg.vector_norm(self.value.detach().double()).item())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"key": self.key, "value": self.value}
+
+
 #: ``kind`` tag (as written in ``edit_config.json``) -> update class
-KINDS: dict[str, type[ParamUpdate]] = {LowRankUpdate.kind: LowRankUpdate, DenseUpdate.kind: DenseUpdate}
+KINDS: dict[str, type[ParamUpdate]] = {
+    LowRankUpdate.kind: LowRankUpdate,
+    DenseUpdate.kind: DenseUpdate,
+    MemoryEntryUpdate.kind: MemoryEntryUpdate,
+}

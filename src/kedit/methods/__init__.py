@@ -7,6 +7,7 @@ from kedit.methods import (
     alphaedit,  # noqa: F401  (registers "alphaedit" and "alphaedit-blue")
     emmet,  # noqa: F401  (registers "emmet")
     ft,  # noqa: F401  (registers "ft-l" and "ft-m")
+    grace,  # noqa: F401  (registers "grace")
     kn,  # noqa: F401  (registers "kn")
     lora,  # noqa: F401  (registers "lora"; needs the optional peft at compute time)
     memit,  # noqa: F401  (registers "memit" and "memit-blue")

@@ -1,0 +1,200 @@
+"""A discrete key-value codebook at one layer (GRACE's adaptor; Hartvigsen et al., "Aging with GRACE: Lifelong
+Model Editing with Discrete Key-Value Adaptors", NeurIPS 2023).
+
+The codebook sits on one Linear/Conv1D module (the layer kedit.arch names; GRACE uses the MLP output projection)
+through a forward hook, so the module, its parameters and the ``state_dict`` are never changed. At every forward
+(prefill and each KV-cached decode step alike) every position's layer input ``h`` is a query: with ``k_i`` the
+nearest key (Euclidean) and ``ε_i`` its deferral radius, the layer output at that position is replaced by the
+value ``v_i`` when ``‖h − k_i‖ ≤ ε_i``, and left untouched otherwise. Positions are independent, so padding (left
+or right) cannot move a replacement, and a batch gives what each row gives alone (pad positions may be replaced
+too; the attention mask hides them).
+
+State and its rules
+-------------------
+The codebook's *records* (one per edit: edit id, key, trained value, target label, initial radius ``ε₀``) are
+kept in edit order; the *entries* (centre, radius, owners) follow from them by GRACE's rules, applied record by
+record (:func:`fold`):
+
+* no entry, or ``d = ‖k − k_i‖ > ε₀ + ε_i`` for the nearest entry ``i``: a new entry ``(k, v, ε₀)``;
+* ``d ≤ ε₀ + ε_i`` and the same label: **expand** -- ``ε_i ← max(ε_i, d)`` (the paper's "coverage" expansion),
+  the new edit joins the entry's owners and the entry keeps its value;
+* ``d ≤ ε₀ + ε_i`` and a different label: **split** -- ``ε_i ← d / 2`` and a new entry ``(k, v, d / 2)``.
+
+Adding edits continues the fold; removing one re-folds the remaining records, then clamps every surviving entry's
+radius to what it was before the removal (*caps*, kept from then on): a removal never widens a ball, so the other
+edits' answers stay what they were and the removed edit's prompt (its key now outside every ball) gets the
+unedited output back, bitwise. The caps are part of the state (saved with it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Codebook", "Entry", "Record", "fold"]
+
+#: relative slack on a radius at look-up time: an expanded ball's boundary key (``ε_i = d``) recomputed in another
+#: batch shape differs from the stored one in the last bits
+RADIUS_SLACK = 1e-3
+
+
+@dataclass
+class Record:
+    """One edit's contribution: its id, key ``[d_in]`` and value ``[d_out]`` (fp32), label and initial radius."""
+
+    edit_id: str
+    key: torch.Tensor
+    value: torch.Tensor
+    label: str
+    epsilon: float
+    method: str = "grace"
+    request: dict[str, Any] | None = None
+
+
+@dataclass
+class Entry:
+    """A ball of the codebook: centred on ``creator``'s key, holding its value, answering for ``owners``."""
+
+    creator: str
+    radius: float
+    owners: list[str] = field(default_factory=list)
+
+
+def fold(
+    records: Sequence[Record],
+    caps: dict[str, float] | None = None,
+    start: tuple[list[Entry], list[torch.Tensor]] | None = None,
+    by_id: dict[str, Record] | None = None,
+) -> tuple[list[Entry], list[torch.Tensor]]:
+    """Apply GRACE's add / expand / split rules to ``records`` in order (continuing ``start``); returns the entries
+    and their centre keys. Radii of entries whose creator has a cap are clamped to it."""
+    entries, keys = ([], []) if start is None else ([Entry(e.creator, e.radius, list(e.owners)) for e in start[0]],
+                                                      list(start[1]))
+    labels = {} if by_id is None else {rid: r.label for rid, r in by_id.items()}
+    caps = caps or {}
+    for r in records:
+        labels[r.edit_id] = r.label
+        if entries:
+            dist = torch.linalg.vector_norm(torch.stack(keys) - r.key, dim=1)
+            i = int(torch.argmin(dist))
+            d = float(dist[i])
+            e = entries[i]
+            if d <= r.epsilon + e.radius:
+                if labels[e.creator] == r.label:  # expand
+                    e.radius = min(max(e.radius, d), caps.get(e.creator, float("inf")))
+                    e.owners.append(r.edit_id)
+                    continue
+                e.radius = min(d / 2, caps.get(e.creator, float("inf")))  # split
+                entries.append(Entry(r.edit_id, min(d / 2, caps.get(r.edit_id, float("inf"))), [r.edit_id]))
+                keys.append(r.key)
+                continue
+        entries.append(Entry(r.edit_id, min(r.epsilon, caps.get(r.edit_id, float("inf"))), [r.edit_id]))
+        keys.append(r.key)
+    return entries, keys
+
+
+class _Hook:
+    """The forward hook: a small callable so the codebook is not captured in a closure."""
+
+    def __init__(self, book: Codebook) -> None:
+        self.book = book
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return self.book.replace(args[0], output)
+
+
+class Codebook:
+    """The records, entries and look-up tensors of one layer's memory (see the module docstring)."""
+
+    def __init__(self, module_path: str, d_in: int, d_out: int) -> None:
+        self.module_path = module_path
+        self.d_in, self.d_out = d_in, d_out
+        self.records: dict[str, Record] = {}
+        self.caps: dict[str, float] = {}
+        self.entries: list[Entry] = []
+        self._keys: list[torch.Tensor] = []
+        # fp32 (fp64 for fp64 models), on the layer's device
+        self.keys: torch.Tensor | None = None  # [N, d_in]
+        self.values: torch.Tensor | None = None  # [N, d_out]
+        self.radii: torch.Tensor | None = None  # [N], slack included
+        self.handle: Any = None
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def snapshot(self) -> tuple:
+        return (dict(self.records), dict(self.caps), [Entry(e.creator, e.radius, list(e.owners)) for e in self.entries],
+                list(self._keys))
+
+    def restore(self, snap: tuple) -> None:
+        self.records, self.caps, self.entries, self._keys = dict(snap[0]), dict(snap[1]), list(snap[2]), list(snap[3])
+        self._materialise()
+
+    def add(self, records: Sequence[Record]) -> None:
+        """Continue the fold with ``records`` (ids already checked to be new)."""
+        self.entries, self._keys = fold(records, self.caps, (self.entries, self._keys), self.records)
+        for r in records:
+            self.records[r.edit_id] = r
+        self._materialise()
+
+    def remove(self, ids: Sequence[str]) -> None:
+        """Drop the records ``ids`` and re-fold; surviving radii never grow (caps)."""
+        before = {e.creator: e.radius for e in self.entries}
+        for i in ids:
+            del self.records[i]
+            self.caps.pop(i, None)
+        for creator, radius in before.items():
+            if creator in self.records:
+                self.caps[creator] = min(radius, self.caps.get(creator, float("inf")))
+        self.entries, self._keys = fold(list(self.records.values()), self.caps)
+        self._materialise()
+
+    def _materialise(self) -> None:
+        if not self.entries:
+            self.keys = self.values = self.radii = None
+            return
+        self.keys = torch.stack(self._keys)
+        self.values = torch.stack([self.records[e.creator].value for e in self.entries])
+        self.radii = torch.tensor([e.radius * (1 + RADIUS_SLACK) for e in self.entries], dtype=self.keys.dtype,
+                                  device=self.keys.device)
+
+    def owner_of(self, edit_id: str) -> Entry | None:
+        return next((e for e in self.entries if edit_id in e.owners), None)
+
+    # -- look-up ------------------------------------------------------------------------------------------------
+    def lookup(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For queries ``h [n, d_in]``: ``(hit [n] bool, entry index [n])``."""
+        if self.keys is None:
+            n = h.shape[0]
+            return torch.zeros(n, dtype=torch.bool, device=h.device), torch.zeros(n, dtype=torch.long, device=h.device)
+        q = h.to(device=self.keys.device, dtype=self.keys.dtype)
+        # the direct kernel, not the matmul expansion: a query equal to a key gets distance 0, not cancellation noise
+        d = torch.cdist(q, self.keys, compute_mode="donot_use_mm_for_euclid_dist")
+        dmin, idx = d.min(dim=1)
+        return dmin <= self.radii[idx], idx
+
+    def replace(self, x: torch.Tensor, output: Any) -> Any:
+        if self.keys is None or not isinstance(output, torch.Tensor):
+            return None
+        hit, idx = self.lookup(x.reshape(-1, x.shape[-1]))
+        if not bool(hit.any()):
+            return None  # the module's own output, untouched
+        flat = output.reshape(-1, output.shape[-1]).clone()
+        hit = hit.to(flat.device)
+        flat[hit] = self.values[idx[hit.to(idx.device)]].to(device=flat.device, dtype=flat.dtype)
+        return flat.view_as(output)
+
+    # -- installation -------------------------------------------------------------------------------------------
+    def install(self, module: nn.Module) -> None:
+        if self.handle is None:
+            self.handle = module.register_forward_hook(_Hook(self))
+
+    def uninstall(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
