@@ -284,7 +284,7 @@ def test_single_edit_method_warns_and_reports_immediate_success(cache_dir):
     r = runner.invoke(app, ["edit", "--requests", "testbed:3", *FAST_ROME, "--json"])
     out = _json(r)
     warning = " ".join(r.stderr.split())
-    assert "applied one after another" in warning and "--method memit" in warning
+    assert "applied one after another" in warning and "--method memit" in warning and "--method grace" in warning
     assert 0.0 <= out["immediate_success_rate"] <= 1.0 and 0.0 <= out["success_rate"] <= 1.0
     assert out["rollback_bytes"] > 0
     # a batch method gets no such warning
@@ -292,6 +292,11 @@ def test_single_edit_method_warns_and_reports_immediate_success(cache_dir):
                             "--set", "v_steps=10", "--json"])
     assert "one after another" not in r.stderr
     assert _json(r)["immediate_success_rate"] == _json(r)["success_rate"]  # one batch: right after it = at the end
+    # nor does a memory method: its edits sit side by side in the codebook, a later one cannot undo an earlier one
+    r = runner.invoke(app, ["edit", "--method", "grace", "--requests", "testbed:3", "--json"])
+    assert "one after another" not in r.stderr
+    out = _json(r)
+    assert out["success_rate"] == out["immediate_success_rate"] and out["rollback_bytes"] == 0
 
 
 def test_immediate_success_is_measured_after_each_own_edit(monkeypatch):

@@ -128,7 +128,8 @@ def edit_table(title: str, result: Any, limit: int = 20) -> Table:
 _SEQUENTIAL_HINT = (
     "{method} edits one request at a time: these {n} requests are applied one after another, and later edits "
     "can undo earlier ones (only about a third of 30 sequential ROME edits survive on the testbed). For many "
-    "facts at once use a batch method (--method memit or --method alphaedit). Success is reported after the "
+    "facts at once use a batch method (--method memit or --method alphaedit), or a memory method (--method "
+    "grace), which keeps every edit in a side memory and leaves the weights alone. Success is reported after the "
     "whole sequence, and (--json) right after each request's own edit."
 )
 
@@ -169,7 +170,8 @@ def edit_cmd(
     overrides = parse_sets(sets)
     spec = validate_method(name, overrides)
     reqs = resolve_requests(requests, limit, fmt, distinct=distinct)
-    if not spec.batched and len(reqs) > 1 and (batch_size is None or batch_size < len(reqs)):
+    # weight methods that edit one request at a time (a memory method's edits do not interfere: not warned)
+    if not spec.batched and spec.mergeable and len(reqs) > 1 and (batch_size is None or batch_size < len(reqs)):
         err.print(cell("warning: " + _SEQUENTIAL_HINT.format(method=spec.name, n=len(reqs))), style="yellow")
     m, tok = _load(model)
     t0 = time.perf_counter()
