@@ -17,7 +17,9 @@ __all__ = ["register"]
 _ASPECTS = ("reliability", "generalization", "locality", "portability", "fluency")
 
 
-def _ppl_texts(model: str, path: Path | None, n: int) -> list[str] | None:
+def _ppl_texts(model: str, path: Path | None, n: int, *, heldout: bool = False) -> list[str] | None:
+    """Perplexity texts: the file's lines, else for testbed models the world's filler (``heldout``: the held-out
+    filler stream, never trained -- what lifelong/v1 uses)."""
     if n <= 0:
         return None
     if path is not None:
@@ -28,8 +30,21 @@ def _ppl_texts(model: str, path: Path | None, n: int) -> list[str] | None:
     if model in TESTBED_MODELS:
         from kedit.testbed import load_world
 
+        if heldout:
+            from kedit.testbed.gates import heldout_filler
+
+            return heldout_filler(load_world(), n)
         return list(load_world().filler[:n])
     return None
+
+
+def _parse_checkpoints(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise ValueError(f"--checkpoints must be comma-separated integers, got {text!r}") from None
 
 
 def _summary_json(summary: dict[str, Any]) -> dict[str, Any]:
@@ -45,7 +60,26 @@ def _summary_json(summary: dict[str, Any]) -> dict[str, Any]:
         "locality_probes_excluded": summary.get("locality_probes_excluded"),
         "metrics": {k: metrics[k] for k in (*_ASPECTS, *[m for m in metrics if m not in _ASPECTS])},
         "seconds": summary["seconds"],
+        **({"stream": summary.get("stream"), "checkpoints": summary["checkpoints"]} if "checkpoints" in summary
+           else {}),
     }
+
+
+_LIFELONG_COLUMNS = (("reliability", "reliability"), ("generalization", "generalization"),
+                     ("locality", "locality/untouched_unchanged"), ("recall", "locality/untouched_recall"),
+                     ("newest wins", "reedit/newest_wins"), ("ppl", "capability/perplexity"),
+                     ("s/edit", "cost/seconds_per_edit"), ("MB held", "cost/memory_bytes"))
+
+
+def _lifelong_cell(name: str, entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "–"
+    m = float(entry["mean"])
+    if name == "cost/memory_bytes":
+        return f"{m / 2**20:.2f}"
+    if name in ("capability/perplexity", "cost/seconds_per_edit"):
+        return f"{m:.3f}"
+    return f"{m:.3f} (n={entry.get('n')})"
 
 
 def register(app: typer.Typer) -> None:
@@ -74,7 +108,8 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option(..., "--method", help="Editing method (see `kedit methods`)."),
         data: str = typer.Option(..., "--data", "-d", help="FILE (any supported format), testbed[:N] or testbed:A-B."),
         protocol: str = typer.Option("single/v1", "--protocol", "-p",
-                                     help="single/v1 | batch/v1 | sequential-final/v1 | sequential-immediate/v1."),
+                                     help="single/v1 | batch/v1 | sequential-final/v1 | sequential-immediate/v1 | "
+                                          "lifelong/v1."),
         batch_size: int = typer.Option(1, "--batch-size", "-k", min=1,
                                        help="Edits per compute call (batch/sequential)."),
         limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate at most N records."),
@@ -105,17 +140,32 @@ def register(app: typer.Typer) -> None:
                                      help="raise | record (a record whose edit or measurement fails is kept as an "
                                           "error record with the reason, and the run goes on)."),
         seed: int = typer.Option(0, "--seed"),
+        checkpoints: str | None = typer.Option(None, "--checkpoints",
+                                               help="lifelong/v1: numbers of edits to evaluate at, e.g. 10,100,300,"
+                                                    "1000 (the last is the stream length; default: those, cut to "
+                                                    "the records given)."),
+        reedit_rate: float = typer.Option(0.1, "--reedit-rate",
+                                          help="lifelong/v1: share of the stream re-editing an earlier fact, "
+                                               "[0, 0.5)."),
+        locality_probes: int = typer.Option(200, "--locality-probes",
+                                            help="lifelong/v1: fixed probe set of untouched facts (0: none)."),
     ) -> None:
         """Evaluate METHOD on MODEL over DATA under PROTOCOL; results go to OUT (resumable)."""
+        from kedit.eval.protocols import get_protocol
         from kedit.eval.runner import EvalConfig, RunMismatchError, run_eval
         from kedit.methods.registry import ConfigError, UnknownMethodError
         from kedit.requests import RequestError
 
         name = method_name(method, strategy)
         try:
+            lifelong = get_protocol(protocol).name == "lifelong"
+            cps = _parse_checkpoints(checkpoints)
+            if cps is not None and not lifelong:
+                raise ValueError("--checkpoints is for --protocol lifelong/v1 only")
             cfg = EvalConfig(protocol=protocol, batch_size=batch_size, eval_batch_size=eval_batch_size,
                              max_new_tokens=max_new_tokens, fluency_tokens=fluency_tokens, headline=headline,
-                             seed=seed, on_error=on_error)
+                             seed=seed, on_error=on_error, checkpoints=cps, reedit_rate=reedit_rate,
+                             locality_probes=locality_probes)
         except ValueError as e:
             fail(str(e))
             return
@@ -128,14 +178,26 @@ def register(app: typer.Typer) -> None:
             from kedit.data import distinct_per_batch
 
             reqs = distinct_per_batch(reqs, batch_size)
-        texts = _ppl_texts(model, ppl_file, ppl_n)
+        facts = targets = None
+        if lifelong:
+            if cps is not None and cps[-1] > len(reqs):
+                fail(f"--checkpoints: the last checkpoint ({cps[-1]}) is more edits than the {len(reqs)} records "
+                     f"of {data!r} give")
+            if data == "testbed" or data.startswith("testbed:"):
+                from kedit.eval.lifelong import testbed_locality_facts, testbed_reedit_targets
+                from kedit.testbed import load_world
+
+                world = load_world()
+                facts, targets = testbed_locality_facts(world), testbed_reedit_targets(world)
+        texts = _ppl_texts(model, ppl_file, ppl_n, heldout=lifelong)
         m, tok = load_or_fail(model, **check_model_available(model))
         try:
             with progress_bars() as bar:
                 ctx = edit_context(stats_dir, no_cache, seed=seed, progress=bar)
                 run = run_eval(m, tok, reqs, name, method_config=overrides or None, config=cfg,
                                out_dir=out_dir, ctx=ctx, ppl_texts=texts, model_name=model,
-                               pre_cache_dir=pre_cache, progress=bar)
+                               pre_cache_dir=pre_cache, progress=bar, locality_facts=facts,
+                               reedit_targets=targets)
         except (UnknownMethodError, ConfigError, RequestError, RunMismatchError, ValueError) as e:
             where = getattr(e, "kedit_records", None)
             fail(f"{where}: {e}" if where else str(e))
@@ -143,6 +205,19 @@ def register(app: typer.Typer) -> None:
         summary = _summary_json(run.summary)
         if json_out:
             sys.stdout.write(json.dumps(summary) + "\n")
+            return
+        if "checkpoints" in run.summary:
+            st = run.summary["stream"]
+            table = Table(title=cell(f"{name} on {model} · {run.summary['protocol']} · k={batch_size} · "
+                                     f"T={st['T']} ({st['n_reedits']} re-edits) · {st['locality_probes']} "
+                                     "locality probes"))
+            table.add_column("edits")
+            for col, _ in _LIFELONG_COLUMNS:
+                table.add_column(col)
+            for c in run.summary["checkpoints"]:
+                table.add_row(str(c["n_edits"]), *[_lifelong_cell(k, c["metrics"].get(k)) for _, k in _LIFELONG_COLUMNS])
+            out.print(table)
+            out.print(cell(f"{run.summary['seconds']}s; results in {out_dir}"))
             return
         table = Table(title=cell(f"{name} on {model} · {run.summary['protocol']} · n={summary['n']}"))
         for col in ("aspect", "metric", "mean [95% CI]", "pre-edit", "n"):

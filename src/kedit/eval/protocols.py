@@ -10,6 +10,10 @@ version, never a silent change (the field's reference framework changed its sequ
                            model with every earlier edit applied; evaluate *all* records once, after the last edit
 ``sequential-immediate/v1``  as sequential-final, but evaluate each chunk's records right after their own edit (so
                            later edits cannot affect them); ``step``/``n_edits`` of each result say when
+``lifelong/v1``            a stream of T edits (re-edits of earlier facts included) applied in order in chunks of
+                           k, each computed on the model with all earlier edits live; at each checkpoint t every
+                           fact edited so far is evaluated (retention), plus a fixed locality probe set, perplexity,
+                           time and memory (:mod:`kedit.eval.lifelong`). A chunk never spans a checkpoint.
 =========================  =========================================================================================
 
 The model is always restored (bitwise, LIFO revert of the applied deltas) at the end of a run.
@@ -20,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["PROTOCOLS", "Protocol", "Step", "get_protocol", "list_protocols"]
+__all__ = ["PROTOCOLS", "Protocol", "Step", "check_checkpoints", "get_protocol", "list_protocols"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class Step:
     edit: tuple[int, ...]
     evaluate: tuple[int, ...]
     restore: bool
+    #: lifelong: the number of edits applied after this step when it ends at a checkpoint, else ``None``
+    checkpoint: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,31 @@ class Protocol:
     def id(self) -> str:
         return f"{self.name}/v{self.version}"
 
-    def plan(self, n: int, k: int = 1) -> list[Step]:
-        """The steps for ``n`` records edited ``k`` at a time (``k`` is ignored by ``single``)."""
+    def plan(self, n: int, k: int = 1, checkpoints: Sequence[int] | None = None) -> list[Step]:
+        """The steps for ``n`` records edited ``k`` at a time (``k`` is ignored by ``single``).
+
+        ``lifelong``: ``n`` is the stream length T and ``checkpoints`` the (increasing) numbers of edits after which
+        to evaluate (the last one must be T); the stream is cut at every checkpoint, then each segment into chunks
+        of ``k``, so a checkpoint always falls between two compute calls. A checkpoint step's ``evaluate`` is every
+        stream position so far (the runner evaluates each fact once, by its newest edit)."""
         if n < 1:
             raise ValueError("nothing to evaluate: no records")
         if k < 1:
             raise ValueError("batch size k must be ≥ 1")
+        if self.name == "lifelong":
+            cps = check_checkpoints(checkpoints if checkpoints is not None else [n], n)
+            if cps[-1] != n:
+                raise ValueError(f"the last checkpoint ({cps[-1]}) must be the stream length T = {n}")
+            steps: list[Step] = []
+            start = 0
+            for cp in cps:
+                for b in range(start, cp, k):
+                    end = min(b + k, cp)
+                    at = cp if end == cp else None
+                    steps.append(Step(len(steps), tuple(range(b, end)), tuple(range(cp)) if at else (), False, at))
+                start = cp
+            steps[-1] = Step(steps[-1].index, steps[-1].edit, steps[-1].evaluate, True, steps[-1].checkpoint)
+            return steps
         if self.name == "single":
             k = 1
         chunks = [tuple(range(b, min(b + k, n))) for b in range(0, n, k)]
@@ -79,8 +104,27 @@ PROTOCOLS: dict[str, Protocol] = {
                  "earlier edits applied; every record evaluated once after the last edit", cumulative=True),
         Protocol("sequential-immediate", 1, "edits applied in order in chunks of k, each computed on the model with "
                  "all earlier edits applied; each chunk evaluated right after its own edit", cumulative=True),
+        Protocol("lifelong", 1, "a stream of T edits (about reedit_rate of them re-edit an earlier fact to a new "
+                 "target) applied in order in chunks of k, each computed on the model with all earlier edits live; at "
+                 "each checkpoint every fact edited so far is evaluated by its newest edit (retention), with "
+                 "locality on a fixed set of facts no edit of the stream touches, perplexity on held-out text, time "
+                 "per edit and memory held", cumulative=True),
     )
 }
+
+
+def check_checkpoints(checkpoints: Sequence[int], n: int | None = None) -> tuple[int, ...]:
+    """``checkpoints`` as a tuple, refused unless non-empty, positive, strictly increasing (and ``≤ n`` if given)."""
+    cps = tuple(int(c) for c in checkpoints)
+    if not cps:
+        raise ValueError("checkpoints: give at least one")
+    if any(c < 1 for c in cps):
+        raise ValueError(f"checkpoints must be positive numbers of edits, got {list(cps)}")
+    if any(b <= a for a, b in zip(cps, cps[1:])):
+        raise ValueError(f"checkpoints must be strictly increasing, got {list(cps)}")
+    if n is not None and cps[-1] > n:
+        raise ValueError(f"checkpoint {cps[-1]} is more edits than the stream can have ({n} records)")
+    return cps
 
 
 def get_protocol(name: str) -> Protocol:

@@ -21,6 +21,9 @@ __all__ = [
     "format_cell",
     "load_runs",
     "metric_id",
+    "LIFELONG_COLUMNS",
+    "lifelong_points",
+    "plot_lifelong",
     "plot_metric_bars",
     "plot_sequential",
     "pre_rows",
@@ -138,6 +141,18 @@ def render_markdown(runs: Sequence[EvalRun], columns: Sequence[str] | None = Non
                         if s.get("subject_conflicts") else "")
                      + (f"; {s['locality_probes_excluded']} neighbourhood probes naming an edited subject excluded"
                         " (locality rule 2)" if s.get("locality_probes_excluded") else ""))
+    lifelong = [r for r in runs if "checkpoints" in r.summary]
+    if lifelong:
+        lines += ["", "## Lifelong (metric at each checkpoint: number of edits made)", ""]
+        lines.append("| run | edits | " + " | ".join(LIFELONG_COLUMNS) + " |")
+        lines.append("|---|---|" + "---|" * len(LIFELONG_COLUMNS))
+        for r in lifelong:
+            for c in r.summary["checkpoints"]:
+                cells = [_lifelong_text(k, c["metrics"].get(k)) for k in LIFELONG_COLUMNS]
+                lines.append(f"| {run_label(r)} | {c['n_edits']} | " + " | ".join(cells) + " |")
+        lines += ["", "Retention: reliability/generalization over every fact edited so far (by its newest edit); "
+                  "locality/recall on the same fixed probes of untouched facts at every checkpoint; "
+                  "`cost/memory_bytes` in MiB.", ""]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
@@ -219,6 +234,63 @@ def plot_sequential(runs: Sequence[EvalRun], columns: Sequence[str], path: str |
     return p
 
 
+#: what the lifelong curves and table show (metric names of the checkpoint metrics)
+LIFELONG_COLUMNS = ("reliability/exact_match", "generalization/exact_match", "locality/untouched_unchanged",
+                    "locality/untouched_recall", "reedit/newest_wins", "capability/perplexity",
+                    "cost/seconds_per_edit", "cost/memory_bytes")
+
+
+def _lifelong_text(name: str, entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "–"
+    if name == "cost/memory_bytes":
+        return f"{entry['mean'] / 2**20:.3f}"
+    return format_cell(entry)
+
+
+def lifelong_points(run: EvalRun, metric: str) -> list[tuple[float, float]]:
+    """(number of edits, metric) at each checkpoint of a lifelong run (``[]`` for other runs)."""
+    pts = []
+    for c in run.summary.get("checkpoints") or []:
+        m = (c["metrics"].get(metric) or {}).get("mean")
+        if m is not None:
+            pts.append((float(c["n_edits"]), float(m)))
+    return pts
+
+
+def plot_lifelong(runs: Sequence[EvalRun], path: str | os.PathLike[str],
+                  columns: Sequence[str] = LIFELONG_COLUMNS) -> Path | None:
+    """Lifelong curves: one panel per metric, metric vs number of edits (log x), one line per method (and k);
+    ``None`` if no run is lifelong."""
+    ll = [r for r in runs if r.summary.get("checkpoints")]
+    if not ll:
+        return None
+    cols = list(columns)
+    ncols = 4
+    nrows = (len(cols) + ncols - 1) // ncols
+    fig = _figure(ncols, nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, col in zip(axes, cols):
+        for i, r in enumerate(ll):
+            pts = lifelong_points(r, col)
+            if col == "cost/memory_bytes":
+                pts = [(x, y / 2**20) for x, y in pts]
+            if pts:
+                label = f"{r.summary['method']} k={r.summary.get('batch_size')}"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{i}", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("number of edits")
+        ax.set_title(col + (" (MiB)" if col == "cost/memory_bytes" else ""), fontsize=9)
+        if col == "capability/perplexity" and ax.has_data():
+            ax.set_yscale("log")
+    for ax in axes[len(cols):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    p = Path(path)
+    fig.savefig(p, dpi=110)
+    return p
+
+
 def write_report(
     dirs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -226,7 +298,8 @@ def write_report(
     columns: Sequence[str] | None = None,
     plots: bool = True,
 ) -> dict[str, Any]:
-    """Write ``report.md`` (+ ``metrics.png``, ``sequential.png`` when there are sequential runs) to ``out_dir``;
+    """Write ``report.md`` (+ ``metrics.png``, ``sequential.png`` when there are sequential runs, ``lifelong.png``
+    when there are lifelong runs) to ``out_dir``;
     returns the paths and the table."""
     runs = load_runs(dirs)
     cols = list(columns or default_columns(runs))
@@ -238,6 +311,9 @@ def write_report(
         seq = plot_sequential(runs, cols, out / "sequential.png")
         if seq is not None:
             pngs.append(str(seq))
+        ll = plot_lifelong(runs, out / "lifelong.png")
+        if ll is not None:
+            pngs.append(str(ll))
     md = out / "report.md"
     md.write_text(render_markdown(runs, cols, plots=pngs), encoding="utf-8")
     return {

@@ -50,7 +50,7 @@ from torch import nn
 from kedit.core.context import EditContext
 from kedit.data.select import mentions_any, subject_conflicts, subject_key
 from kedit.eval.metrics import HEADLINES, Observation, metric_definitions, perplexity, record_metrics
-from kedit.eval.protocols import Protocol, Step, get_protocol
+from kedit.eval.protocols import Protocol, Step, check_checkpoints, get_protocol
 from kedit.eval.scoring import (
     ScoringConfig,
     fluency_prompts,
@@ -108,6 +108,10 @@ class EvalConfig:
         on_error: ``raise`` (default) or ``record``: a record whose edit or measurement fails is written as an
             error record (its metrics are missing and the summary counts it in ``n_errors``) and the run goes on.
             Records too long for the context window are skipped either way (``n_skipped``).
+        checkpoints: ``lifelong`` only: numbers of edits after which to evaluate (positive, increasing; the last
+            is the stream length T; ``None``: 10, 100, 300, 1000 cut to the records given).
+        reedit_rate: ``lifelong`` only: share of the stream that re-edits an earlier fact to a new target, [0, 0.5).
+        locality_probes: ``lifelong`` only: size of the fixed probe set of untouched facts (0: none).
     """
 
     protocol: str = "single/v1"
@@ -122,9 +126,18 @@ class EvalConfig:
     eval_chunk: int = 64
     keep_observations: bool = True
     on_error: str = "raise"
+    checkpoints: tuple[int, ...] | None = None
+    reedit_rate: float = 0.1
+    locality_probes: int = 200
 
     def __post_init__(self) -> None:
         get_protocol(self.protocol)
+        if self.checkpoints is not None:
+            object.__setattr__(self, "checkpoints", check_checkpoints(self.checkpoints))
+        if not 0.0 <= self.reedit_rate < 0.5:
+            raise ValueError(f"reedit_rate must be in [0, 0.5), got {self.reedit_rate}")
+        if self.locality_probes < 0:
+            raise ValueError("locality_probes must be ≥ 0")
         if self.headline not in HEADLINES:
             raise ValueError(f"unknown headline {self.headline!r}; known: {sorted(HEADLINES)}")
         if self.on_error not in ("raise", "record"):
@@ -270,6 +283,18 @@ def summarize(
     }
 
 
+#: EvalConfig fields that only the lifelong protocol reads (left out of other runs' identity, so result directories
+#: written before they existed still resume)
+LIFELONG_FIELDS = ("checkpoints", "reedit_rate", "locality_probes")
+
+
+def _identity_config(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of an evaluation config that decides results (batch sizes of measurement do not)."""
+    lifelong = str(eval_cfg.get("protocol", "")).startswith("lifelong")
+    return {k: v for k, v in eval_cfg.items()
+            if k not in ("eval_batch_size", "eval_chunk") and (lifelong or k not in LIFELONG_FIELDS)}
+
+
 def _method_config(model: nn.Module, method: str, config: Any) -> tuple[Any, Any]:
     from kedit.methods.registry import get_method
 
@@ -329,6 +354,8 @@ def run_eval(
     model_name: str | None = None,
     pre_cache_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
+    locality_facts: Sequence[Any] | None = None,
+    reedit_targets: Mapping[str, Sequence[str]] | None = None,
 ) -> EvalRun:
     """Evaluate ``method`` on ``requests`` under ``config.protocol`` and return the run (also written to
     ``out_dir`` if given, resuming whatever is already there).
@@ -342,6 +369,10 @@ def run_eval(
         model_name: how the model is named in results (default: its ``config._name_or_path``).
         pre_cache_dir: where pre-edit measurements are cached (default ``out_dir``; none without either).
         progress: ``fn(stage, done, total)``.
+        locality_facts: ``lifelong`` only: candidate probes (:class:`~kedit.requests.Probe` with an answer) for the
+            fixed locality set; default: the neighbourhood probes of ``requests`` (see :mod:`kedit.eval.lifelong`).
+        reedit_targets: ``lifelong`` only: ``{relation: candidate objects}`` for re-edit targets; default: the
+            targets and true objects of ``requests`` of the same relation.
     """
     from kedit import api
     from kedit.deltas import kedit_version
@@ -351,6 +382,12 @@ def run_eval(
         raise ValueError("no records to evaluate")
     protocol: Protocol = get_protocol(config.protocol)
     spec, mcfg = _method_config(model, method, method_config)
+    if protocol.name == "lifelong":
+        from kedit.eval.lifelong import run_lifelong
+
+        return run_lifelong(model, tok, reqs, spec, mcfg, config=config, out_dir=out_dir, ctx=ctx,
+                            ppl_texts=ppl_texts, model_name=model_name, pre_cache_dir=pre_cache_dir,
+                            progress=progress, locality_facts=locality_facts, reedit_targets=reedit_targets)
     scoring = config.scoring()
     name = model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or "model")
     t_start = time.perf_counter()
@@ -367,7 +404,7 @@ def run_eval(
         "model_fingerprint": fingerprint,
         "records_hash": records_hash,
         "n": len(reqs),
-        "eval_config": {k: v for k, v in eval_cfg.items() if k not in ("eval_batch_size", "eval_chunk")},
+        "eval_config": _identity_config(eval_cfg),
         "ppl_texts_hash": ppl_hash,
         "locality_rule": {"version": LOCALITY_RULE, "rule": "neighbourhood probes that name a subject edited in "
                           "the evaluated model state are excluded (counted per record in locality_excluded)"},
@@ -388,8 +425,7 @@ def run_eval(
         if mpath.is_file():
             old = json.loads(mpath.read_text(encoding="utf-8"))
             old_id = {k: old.get(k) for k in identity}
-            old_id["eval_config"] = {k: v for k, v in (old.get("eval_config") or {}).items()
-                                     if k not in ("eval_batch_size", "eval_chunk")}
+            old_id["eval_config"] = _identity_config(old.get("eval_config") or {})
             if old_id != identity:
                 diff = sorted(k for k in identity if old_id.get(k) != identity[k])
                 raise RunMismatchError(
@@ -654,6 +690,10 @@ def load_run(directory: str | os.PathLike[str]) -> EvalRun:
     records = _read_jsonl(d / "records.jsonl")
     spath = d / "summary.json"
     complete = bool((manifest.get("state") or {}).get("complete"))
+    if str((manifest.get("protocol") or {}).get("id", "")).startswith("lifelong"):
+        from kedit.eval.lifelong import load_lifelong
+
+        return load_lifelong(d, manifest, records, complete)
     if spath.is_file() and complete:
         summary = json.loads(spath.read_text(encoding="utf-8"))
     else:
