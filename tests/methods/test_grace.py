@@ -210,6 +210,35 @@ def test_expand_and_split_rules():
     assert [(e.creator, e.radius) for e in entries] == [("e0", pytest.approx(0.75)), ("e1", pytest.approx(0.75))]
 
 
+def test_a_reedit_of_the_same_key_replaces_the_entry():
+    # the same key with another label: the split rule would leave two balls of radius 0; the newest edit wins
+    entries, keys = fold([_rec(0, [3.0, 4.0], "A"), _rec(1, [3.0, 4.0], "B")])
+    assert len(entries) == 1 and entries[0].creator == "e1" and entries[0].radius == 1.0
+    assert entries[0].owners == ["e0", "e1"]
+    # a key merely near (not equal): still the paper's split
+    entries, _ = fold([_rec(0, [3.0, 4.0], "A"), _rec(1, [3.0, 4.01], "B")])
+    assert len(entries) == 2 and entries[0].radius == pytest.approx(0.005, rel=1e-4)
+
+
+def test_reedit_newest_target_wins_and_removal_brings_the_older_back(gpt2, reqs):
+    model, tok = gpt2
+    r = reqs[0]
+    pre = greedy_answers(model, tok, [r.text])[0]
+    newer = reqs[1].target_new if reqs[1].target_new != r.target_new else reqs[2].target_new
+    a = kedit.edit(model, tok, [r], method="grace")
+    b = kedit.edit(model, tok, [r.with_target(newer)], method="grace")
+    try:
+        assert kedit.api.answers_match(greedy_answers(model, tok, [r.text])[0], newer)
+        b.revert(model)
+        assert kedit.api.answers_match(greedy_answers(model, tok, [r.text])[0], r.target_new)
+    finally:
+        if b.deltas[0].is_applied:
+            b.revert(model)
+        a.revert(model)
+    assert greedy_answers(model, tok, [r.text])[0] == pre
+    _no_memory(model)
+
+
 def test_expand_split_through_the_codebook_and_removal_never_widens(gpt2, reqs):
     model, tok = gpt2
     cfg = {"epsilon": 50.0}  # wider than the testbed keys' spread: the second key falls inside the first ball

@@ -18,7 +18,12 @@ record (:func:`fold`):
 * no entry, or ``d = ‖k − k_i‖ > ε₀ + ε_i`` for the nearest entry ``i``: a new entry ``(k, v, ε₀)``;
 * ``d ≤ ε₀ + ε_i`` and the same label: **expand** -- ``ε_i ← max(ε_i, d)`` (the paper's "coverage" expansion),
   the new edit joins the entry's owners and the entry keeps its value;
-* ``d ≤ ε₀ + ε_i`` and a different label: **split** -- ``ε_i ← d / 2`` and a new entry ``(k, v, d / 2)``.
+* ``d ≤ ε₀ + ε_i`` and a different label: **split** -- ``ε_i ← d / 2`` and a new entry ``(k, v, d / 2)``;
+* a different label on a key that *coincides* with the entry's centre (``d ≤`` :data:`SAME_KEY_RTOL` ``· ‖k‖``: the
+  same prompt edited again, a re-edit): **replace** -- the newest edit takes the entry over (its key, value and
+  label; the radius stays). The split rule would give both balls radius ``d / 2 ≈ 0`` and neither edit would
+  answer any more, so the newest target must win here (kedit's rule; the paper does not discuss exact re-edits).
+  The older edit's record stays: removing the newest edit brings the older answer back.
 
 Adding edits continues the fold; removing one re-folds the remaining records, then clamps every surviving entry's
 radius to what it was before the removal (*caps*, kept from then on): a removal never widens a ball, so the other
@@ -40,6 +45,8 @@ __all__ = ["Codebook", "Entry", "Record", "fold"]
 #: relative slack on a radius at look-up time: an expanded ball's boundary key (``ε_i = d``) recomputed in another
 #: batch shape differs from the stored one in the last bits
 RADIUS_SLACK = 1e-3
+#: a new key this close to an entry's centre (relative to its norm) is the same key: a re-edit replaces the entry
+SAME_KEY_RTOL = 1e-4
 
 
 @dataclass
@@ -87,6 +94,11 @@ def fold(
                 if labels[e.creator] == r.label:  # expand
                     e.radius = min(max(e.radius, d), caps.get(e.creator, float("inf")))
                     e.owners.append(r.edit_id)
+                    continue
+                if d <= SAME_KEY_RTOL * float(torch.linalg.vector_norm(r.key)):  # re-edit: the newest wins
+                    e.creator = r.edit_id
+                    e.owners.append(r.edit_id)
+                    keys[i] = r.key
                     continue
                 e.radius = min(d / 2, caps.get(e.creator, float("inf")))  # split
                 entries.append(Entry(r.edit_id, min(d / 2, caps.get(r.edit_id, float("inf"))), [r.edit_id]))
