@@ -24,6 +24,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from kedit.core.batching import ConflictingRequestsError
 from kedit.core.context import EditContext
 from kedit.deltas import load_delta
+from kedit.memory import edit_ids
 from kedit.methods.ft.objective import teacher_forced_logprob
 from kedit.methods.registry import list_methods
 from kedit.requests import EditRequest
@@ -120,6 +121,12 @@ def _assert_same(model, snap, what: str) -> None:
     assert model.training == training, f"{what}: train/eval mode changed"
 
 
+@torch.no_grad()
+def _logits(model, tok) -> torch.Tensor:
+    ids = torch.tensor([tok(REQ.prompt.format(REQ.subject) + " " + REQ.target_new)["input_ids"]])
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
 # every method kedit ships (methods that other test modules register for their own purposes are not kedit's)
 METHOD_NAMES = [spec.name for spec in list_methods() if spec.compute.__module__.startswith("kedit.methods")]
 
@@ -143,11 +150,17 @@ def test_case(name, arch, tok, tmp_path):
     try:
         applied = {k: v.clone() for k, v in model.state_dict().items()}
         changed = {k for k, v in applied.items() if not torch.equal(snap[0][k], v)}
-        assert changed and changed <= set(delta.params), f"changed {sorted(changed)} vs delta {delta.params}"
+        if delta.is_memory:  # a memory method (GRACE, WISE) leaves every weight alone and adds side-memory entries
+            assert not changed, f"a memory edit changed weights: {sorted(changed)}"
+            assert set(edit_ids(model)) >= {u.edit_id for u in delta.updates}
+        else:
+            assert changed and changed <= set(delta.params), f"changed {sorted(changed)} vs delta {delta.params}"
+        logits_applied = _logits(model, tok)
         lp_after = teacher_forced_logprob(model, tok, REQ)
     finally:
         delta.revert(model)
     _assert_same(model, snap, "revert")
+    assert not edit_ids(model), "revert left side-memory entries behind"
 
     # 3. save -> load: identical tensors and the same effect on the weights
     delta.save(tmp_path / "delta")
@@ -160,6 +173,7 @@ def test_case(name, arch, tok, tmp_path):
     with loaded.applied(model):
         now = model.state_dict()
         assert all(torch.equal(applied[k], now[k]) for k in applied), "loaded delta applies differently"
+        assert torch.equal(_logits(model, tok), logits_applied), "loaded delta changes the outputs differently"
     _assert_same(model, snap, "revert of the loaded delta")
 
     # 4. efficacy: the target's teacher-forced log-probability rises
