@@ -77,11 +77,11 @@ class WISEConfig:
     layer: int | None = None
     layer_fraction: float = 0.8
     mask_ratio: float = 0.2
-    lr: float = 0.05
+    lr: float = 0.1
     steps: int = 70
-    alpha: float = 1.0
-    beta: float = 4.0
-    gamma: float = 2.0
+    alpha: float = 5.0
+    beta: float = 20.0
+    gamma: float = 10.0
     act_ratio: float = 0.88
     density: float = 0.8
     n_irrelevant: int = 8
