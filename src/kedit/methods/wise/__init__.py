@@ -196,7 +196,7 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     for steps in range(1, cfg.steps + 1):  # noqa: B007  (read after the loop)
         opt.zero_grad()
         d = delta()
-        with _side(module, lambda: d):
+        with _side(module, lambda d=d: d):
             logits = model(input_ids=x).logits[0, pos].float()
         nll = torch.nn.functional.cross_entropy(logits, labels)
         s_e, s_irr = scores(d)
