@@ -14,7 +14,9 @@ its original object again (no hook, no attribute; ``state_dict`` never changed).
 Every call is all-or-nothing: a failed call (unknown id, a duplicate id, a file that is truncated or was saved for
 another base model) raises naming the id or the file, and the memory is unchanged.
 
-The memory lives on the model object under one attribute (:data:`MEMORY_ATTR`), one codebook per hooked module.
+The memory lives on the model object under one attribute (:data:`MEMORY_ATTR`), one codebook per hooked module
+(GRACE), or one side memory (:class:`~kedit.memory.side.SideMemory`, WISE) keyed ``<module path>#wise``. Which one
+a record goes to is its ``method``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from kedit.memory.codebook import Codebook, Entry, Record, fold
+from kedit.memory.side import SideMemory
 
 __all__ = [
     "MEMORY_ATTR",
@@ -38,6 +41,7 @@ __all__ = [
     "Entry",
     "MemoryFormatError",
     "Record",
+    "SideMemory",
     "UnknownEditError",
     "add_entries",
     "clear_memory",
@@ -70,8 +74,9 @@ class MemoryFormatError(EditMemoryError):
     """A saved memory is malformed, truncated, or was saved for another base model."""
 
 
-def get_memory(model: nn.Module) -> dict[str, Codebook]:
-    """``{module path: Codebook}`` of ``model`` (empty when it has no memory)."""
+def get_memory(model: nn.Module) -> dict[str, Codebook | SideMemory]:
+    """``{slot: Codebook | SideMemory}`` of ``model`` (empty when it has no memory); a codebook's slot is its module
+    path, a WISE side memory's ``<module path>#wise``."""
     return dict(model.__dict__.get(MEMORY_ATTR) or {})
 
 
@@ -92,7 +97,15 @@ def _dims(model: nn.Module, path: str) -> tuple[nn.Module, int, int]:
     return module, int(in_f), int(out_f)
 
 
-def _set(model: nn.Module, books: dict[str, Codebook]) -> None:
+def _slot(path: str, method: str) -> str:
+    return f"{path}#{SideMemory.kind}" if method == SideMemory.kind else path
+
+
+def _new_book(path: str, method: str, d_in: int, d_out: int) -> Codebook | SideMemory:
+    return SideMemory(path, d_in, d_out) if method == SideMemory.kind else Codebook(path, d_in, d_out)
+
+
+def _set(model: nn.Module, books: dict[str, Codebook | SideMemory]) -> None:
     books = {p: b for p, b in books.items() if len(b)}
     if books:
         model.__dict__[MEMORY_ATTR] = books
@@ -110,24 +123,33 @@ def _add(model: nn.Module, records: Sequence[Record], modules: Sequence[str]) ->
             raise EditMemoryError(f"edit id {r.edit_id!r} is already in the memory (apply a delta once)")
         seen.add(r.edit_id)
         module, d_in, d_out = _dims(model, path)
-        if tuple(r.key.shape) != (d_in,) or tuple(r.value.shape) != (d_out,):
+        if r.method == SideMemory.kind:
+            try:
+                SideMemory.check(r, d_in, d_out, path)
+            except ValueError as e:
+                raise EditMemoryError(str(e)) from e
+        elif tuple(r.key.shape) != (d_in,) or tuple(r.value.shape) != (d_out,):
             raise EditMemoryError(
                 f"edit {r.edit_id!r}: key {tuple(r.key.shape)} / value {tuple(r.value.shape)} do not fit {path!r} "
                 f"(input {d_in}, output {d_out}): made for another model")
         hosts[path] = module
     snaps = {p: b.snapshot() for p, b in books.items()}
     try:
-        for path in dict.fromkeys(modules):
+        slots = {_slot(p, r.method): (p, r.method) for r, p in zip(records, modules)}
+        for slot, (path, method) in slots.items():
             module = hosts[path]
             _, d_in, d_out = _dims(model, path)
-            book = books.get(path) or Codebook(path, d_in, d_out)
+            book = books.get(slot) or _new_book(path, method, d_in, d_out)
             dev = module.weight.device
             cdt = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
             book.add([Record(r.edit_id, r.key.detach().to(dev, cdt), r.value.detach().to(dev, cdt),
-                             r.label, float(r.epsilon), r.method, r.request)
-                      for r, p in zip(records, modules) if p == path])
-            book.install(module)
-            books[path] = book
+                             r.label, float(r.epsilon), r.method, r.request, r.info)
+                      for r, p in zip(records, modules) if _slot(p, r.method) == slot])
+            if isinstance(book, SideMemory):
+                book.install(module, model)
+            else:
+                book.install(module)
+            books[slot] = book
     except BaseException:
         for path, book in books.items():
             if path in snaps:
@@ -141,7 +163,8 @@ def _add(model: nn.Module, records: Sequence[Record], modules: Sequence[str]) ->
 def add_entries(model: nn.Module, updates: Sequence[Any]) -> None:
     """Add :class:`~kedit.deltas.MemoryEntryUpdate` entries (what ``EditDelta.apply`` calls); all-or-nothing."""
     records = [Record(u.edit_id, u.key, u.value, str(u.info["label"]), float(u.info["epsilon"]),
-                      str(u.info["method"]), u.info.get("request")) for u in updates]
+                      str(u.info["method"]), u.info.get("request"),
+                      dict(u.info) if u.info["method"] == SideMemory.kind else None) for u in updates]
     _add(model, records, [str(u.info["module"]) for u in updates])
 
 
@@ -189,14 +212,22 @@ def save_memory(model: nn.Module, directory: str | Path) -> Path:
     books = get_memory(model)
     tensors: dict[str, torch.Tensor] = {}
     out = []
-    for path, book in books.items():
+    for book in books.values():
         recs = []
         for r in book.records.values():
             for part in ("key", "value"):
-                tensors[f"{path}::{r.edit_id}.{part}"] = getattr(r, part).detach().cpu().contiguous().clone()
-            recs.append({"edit_id": r.edit_id, "label": r.label, "epsilon": r.epsilon, "method": r.method,
-                         "request": r.request})
-        out.append({"module": path, "records": recs, "caps": dict(book.caps)})
+                tensors[f"{book.module_path}::{r.edit_id}.{part}"] = getattr(r, part).detach().cpu().contiguous().clone()
+            rec = {"edit_id": r.edit_id, "label": r.label, "epsilon": r.epsilon, "method": r.method,
+                   "request": r.request}
+            if r.info is not None:
+                rec["info"] = r.info
+            recs.append(rec)
+        entry: dict[str, Any] = {"module": book.module_path, "records": recs}
+        if isinstance(book, SideMemory):
+            entry["kind"] = SideMemory.kind
+        else:
+            entry["caps"] = dict(book.caps)
+        out.append(entry)
     cfg = getattr(model, "config", None)
     config = {
         "format": FORMAT_TAG,
@@ -272,10 +303,15 @@ def load_memory(model: nn.Module, directory: str | Path) -> list[str]:
                     used.add(name)
                     if not bool(torch.isfinite(parts[part]).all()):
                         raise MemoryFormatError(f"{t_path}: tensor {name!r} has non-finite values")
+                method = str(rec.get("method", "grace"))
+                if (method == SideMemory.kind) != (book.get("kind") == SideMemory.kind):
+                    raise MemoryFormatError(f"{cfg_path}: record {rid!r} ({method}) is in a memory of another kind")
+                info = rec.get("info")
                 records.append(Record(rid, parts["key"], parts["value"], str(rec["label"]), float(rec["epsilon"]),
-                                      str(rec.get("method", "grace")), rec.get("request")))
+                                      method, rec.get("request"), None if info is None else dict(info)))
                 modules.append(path)
-            caps[path] = {str(k): float(v) for k, v in dict(book.get("caps", {})).items()}
+            if book.get("kind") != SideMemory.kind:
+                caps[path] = {str(k): float(v) for k, v in dict(book.get("caps", {})).items()}
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, MemoryFormatError):
             raise
@@ -283,11 +319,14 @@ def load_memory(model: nn.Module, directory: str | Path) -> list[str]:
     if set(tensors) - used:
         raise MemoryFormatError(f"{t_path}: tensors not listed in {MEMORY_CONFIG}: {sorted(set(tensors) - used)[:3]}")
     # the caps shape the fold: set them before the records are folded in
-    books = {}
-    for path in dict.fromkeys(modules):
-        _, d_in, d_out = _dims(model, path)
-        books[path] = Codebook(path, d_in, d_out)
-        books[path].caps = caps.get(path, {})
+    books: dict[str, Codebook | SideMemory] = {}
+    for r, path in zip(records, modules):
+        slot = _slot(path, r.method)
+        if slot not in books:
+            _, d_in, d_out = _dims(model, path)
+            books[slot] = _new_book(path, r.method, d_in, d_out)
+            if isinstance(books[slot], Codebook):
+                books[slot].caps = caps.get(path, {})
     try:
         model.__dict__[MEMORY_ATTR] = books
         _add(model, records, modules)

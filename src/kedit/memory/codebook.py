@@ -60,6 +60,8 @@ class Record:
     epsilon: float
     method: str = "grace"
     request: dict[str, Any] | None = None
+    #: method-specific JSON (WISE: mask seed and ratio, token counts, ...); ``None`` for GRACE
+    info: dict[str, Any] | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from kedit.methods import (
     memit,  # noqa: F401  (registers "memit" and "memit-blue")
     pmet,  # noqa: F401  (registers "pmet" and "pmet-blue")
     rome,  # noqa: F401  (registers "rome" and "r-rome")
+    wise,  # noqa: F401  (registers "wise")
 )
 from kedit.methods.registry import MethodSpec, get_method, list_methods, register_method
 
