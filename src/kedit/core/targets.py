@@ -249,10 +249,10 @@ def optimize_targets(
                     for s, gs in zip(sites, g):
                         if gs is not None:
                             grads[s] += gs
-            wd = sum(delta[s].norm(dim=-1) / init_norm[s] ** 2 for s in sites)
+            wd = sum(delta[s].detach().norm(dim=-1) / init_norm[s] ** 2 for s in sites)
             if config.adaptive_nll:
                 nu = torch.where(argmax_ok, 0.1 * config.nll_factor, config.nll_factor)
-            loss = nu * nll + config.kl_factor * kl + config.weight_decay * wd.detach()
+            loss = nu * nll + config.kl_factor * kl + config.weight_decay * wd
             active = ~done
             last_loss = torch.where(active, loss, last_loss)
             last_nll = torch.where(active, nll, last_nll)
@@ -265,13 +265,16 @@ def optimize_targets(
                 progress(it + 1, config.steps)
             if bool(done.all()) or it == config.steps - 1:
                 break
-            # weight-decay gradient (closed form is awkward at δ=0: let autograd do it)
-            wd_loss = config.weight_decay * (wd * (~done).float()).sum()
-            wd_grads = torch.autograd.grad(wd_loss, [delta[s] for s in sites], allow_unused=True)
+            # weight-decay gradient in closed form: ∂/∂δ (λ‖δ‖/‖v₀‖²) = λ δ / (‖δ‖ ‖v₀‖²), 0 at δ = 0 (the
+            # subgradient autograd's norm backward also takes), for the rows still optimised
             frozen = done.clone()
             keep = {s: delta[s].detach()[frozen].clone() for s in sites}
-            for s, gw in zip(sites, wd_grads):
-                g = grads[s] + (gw if gw is not None else 0.0)
+            for s in sites:
+                d_s = delta[s].detach()
+                nrm = d_s.norm(dim=-1, keepdim=True)
+                coef = config.weight_decay * (~frozen).to(d_s.dtype).unsqueeze(-1) / init_norm[s].unsqueeze(-1) ** 2
+                gw = torch.where(nrm > 0, d_s / nrm.clamp_min(1e-30), torch.zeros_like(d_s)) * coef
+                g = grads[s] + gw
                 g[frozen] = 0.0
                 delta[s].grad = g
             opt.step()
