@@ -83,3 +83,26 @@ def test_batched_generate_warns_nothing(arch):
         full = greedy_answers(model, tok, prompts, max_new_tokens=4, full_length=True)
     assert [r.getMessage() for r in records] == []
     assert len(out) == len(full) == len(prompts) and all(isinstance(x, str) for x in out)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_past_end_of_text_warns_nothing(arch):
+    """Prompts of one length (no padding, so transformers drops the all-ones mask) decoded past the end of text:
+    the finished rows are fed the pad id, which for the testbed is also bos/eos. With a model config that declared
+    that id as its pad token, transformers guessed "padded input without a mask" and warned on every eval run; the
+    testbed models' config declares no pad token (as GPT-2's and Llama's own configs), kedit pads with the
+    tokenizer's id and always passes the mask."""
+    from kedit.api import greedy_answers
+
+    model, tok = load_testbed_model(arch)
+    assert model.config.pad_token_id is None
+    by_len: dict[int, list[str]] = {}
+    for _, s, t, _ in trained_pairs(load_world())[:400]:
+        p = t.format(s)
+        by_len.setdefault(len(tok(p)["input_ids"]), []).append(p)
+    prompts = max(by_len.values(), key=len)[:8]
+    assert len(prompts) >= 2
+    with _no_library_warnings() as records:
+        out = greedy_answers(model, tok, prompts, max_new_tokens=12)
+    assert [r.getMessage() for r in records] == []
+    assert any(len(o) > 0 for o in out)

@@ -104,6 +104,13 @@ def load_testbed_model(
         dtype = getattr(torch, dtype.removeprefix("torch."))
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    # The testbed's pad, bos and eos are one token (GPT-2's convention). A config declaring that id as the pad token
+    # makes transformers guess "padded input without a mask" whenever it drops an all-ones mask in generate() and a
+    # finished row is fed that id, and warn on every evaluation. kedit pads with the tokenizer's id and always passes
+    # the attention mask, so the loaded config declares no pad token, like GPT-2's and Llama's own configs.
+    model.config.pad_token_id = None
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = None
     if device is not None:
         model = model.to(device)
     model.eval()
