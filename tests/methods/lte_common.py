@@ -7,10 +7,12 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import numpy as np
 import torch
 
 from kedit.arch import get_adapter, is_transposed
 from kedit.core.context import EditContext
+from kedit.core.solve import DEAD_RTOL
 from kedit.methods.registry import get_method
 from kedit.requests import EditRequest
 from kedit.testing import TINY_TEXT, tiny_model, tiny_tokenizer
@@ -96,3 +98,13 @@ def apply_revert_exact(m, delta) -> None:
     assert not unchanged(m, before)
     delta.revert(m)
     assert unchanged(m, before)
+
+
+def numpy_ridge_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """MEMIT's Δ = R Kᵀ(λC + KKᵀ)⁻¹ (Meng et al. 2023, eq. 14) recomputed in NumPy float64, on C's live eigenspace
+    (eigenvalues > DEAD_RTOL·max; the whole space when nothing is dead) -- independent of kedit.core.solve."""
+    Kn, Rn, Cn = (t.double().numpy() for t in (K, R, C))
+    s, U = np.linalg.eigh(0.5 * (Cn + Cn.T))
+    U = U[:, s > DEAD_RTOL * s.max()]
+    UK = U.T @ Kn
+    return torch.from_numpy(Rn @ UK.T @ np.linalg.solve(lam * (U.T @ Cn @ U) + UK @ UK.T, U.T))

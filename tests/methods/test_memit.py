@@ -6,7 +6,6 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import numpy as np
 import pytest
 import torch
 from lte_common import (
@@ -19,6 +18,7 @@ from lte_common import (
     ctx,
     math_delta,
     model,
+    numpy_ridge_delta,
     second_moment,
     snapshot,
     stages,
@@ -28,18 +28,8 @@ from lte_common import (
 
 from kedit.arch import get_adapter
 from kedit.core.context import EditContext
-from kedit.core.solve import DEAD_RTOL, SingularSystemError
+from kedit.core.solve import SingularSystemError
 from kedit.methods.registry import get_method
-
-
-def numpy_ridge_delta(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
-    """MEMIT's Δ = R Kᵀ(λC + KKᵀ)⁻¹ (Meng et al. 2023, eq. 14) recomputed in NumPy float64, on C's live eigenspace
-    (eigenvalues > DEAD_RTOL·max; the whole space when nothing is dead) -- independent of kedit.core.solve."""
-    Kn, Rn, Cn = (t.double().numpy() for t in (K, R, C))
-    s, U = np.linalg.eigh(0.5 * (Cn + Cn.T))
-    U = U[:, s > DEAD_RTOL * s.max()]
-    UK = U.T @ Kn
-    return torch.from_numpy(Rn @ UK.T @ np.linalg.solve(lam * (U.T @ Cn @ U) + UK @ UK.T, U.T))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

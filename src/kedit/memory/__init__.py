@@ -34,6 +34,7 @@ from kedit.memory.side import SideMemory
 
 __all__ = [
     "MEMORY_ATTR",
+    "memory_layer",
     "MEMORY_CONFIG",
     "MEMORY_TENSORS",
     "Codebook",
@@ -73,6 +74,16 @@ class UnknownEditError(EditMemoryError):
 class MemoryFormatError(EditMemoryError):
     """A saved memory is malformed, truncated, or was saved for another base model."""
 
+
+def memory_layer(model: nn.Module, layer: int | None, layer_fraction: float) -> int:
+    """The block a memory method edits: ``layer`` when given (checked by :mod:`kedit.arch`), else
+    ``round(layer_fraction · (n_layers − 1))`` -- one rule for GRACE and WISE, no module paths in their configs."""
+    from kedit.arch import get_adapter
+
+    adapter = get_adapter(model)
+    if layer is not None:
+        return adapter.check_layer(model, layer)
+    return round(layer_fraction * (adapter.num_layers(model) - 1))
 
 def get_memory(model: nn.Module) -> dict[str, Codebook | SideMemory]:
     """``{slot: Codebook | SideMemory}`` of ``model`` (empty when it has no memory); a codebook's slot is its module

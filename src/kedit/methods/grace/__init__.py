@@ -35,6 +35,7 @@ from kedit.core.context import EditContext
 from kedit.core.keys import target_ids
 from kedit.deltas import EditDelta, MemoryEntryUpdate
 from kedit.deltas.ledger import compute_dtype
+from kedit.memory import memory_layer
 from kedit.methods.ft.objective import keep_grad_flags
 from kedit.methods.presets import preset_for
 from kedit.methods.registry import register_method
@@ -79,9 +80,7 @@ class GRACEConfig:
 
 
 def grace_layer(model: nn.Module, cfg: GRACEConfig) -> int:
-    adapter = get_adapter(model)
-    n = adapter.num_layers(model)
-    return adapter.check_layer(model, cfg.layer) if cfg.layer is not None else round(cfg.layer_fraction * (n - 1))
+    return memory_layer(model, cfg.layer, cfg.layer_fraction)
 
 
 @contextmanager

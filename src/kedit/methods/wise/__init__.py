@@ -40,6 +40,7 @@ from kedit.core.context import EditContext
 from kedit.core.keys import target_ids
 from kedit.deltas import EditDelta, MemoryEntryUpdate
 from kedit.deltas.ledger import compute_dtype
+from kedit.memory import memory_layer
 from kedit.memory.side import activation_score, shard_mask
 from kedit.methods.ft.objective import keep_grad_flags
 from kedit.methods.presets import preset_for
@@ -107,9 +108,7 @@ class WISEConfig:
 
 
 def wise_layer(model: nn.Module, cfg: WISEConfig) -> int:
-    adapter = get_adapter(model)
-    n = adapter.num_layers(model)
-    return adapter.check_layer(model, cfg.layer) if cfg.layer is not None else round(cfg.layer_fraction * (n - 1))
+    return memory_layer(model, cfg.layer, cfg.layer_fraction)
 
 
 @contextmanager
