@@ -7,13 +7,15 @@ import copy
 
 import pytest
 import torch
+from memory_common import logits as _logits
+from memory_common import no_memory as _no_memory
+from memory_common import state as _state
 
 import kedit
 from kedit.api import greedy_answers
 from kedit.core.batching import pad_batch, pad_id
 from kedit.deltas import EditDelta, MemoryEntryUpdate, load_delta
 from kedit.memory import (
-    MEMORY_ATTR,
     MEMORY_CONFIG,
     MEMORY_TENSORS,
     EditMemoryError,
@@ -28,36 +30,7 @@ from kedit.memory import (
     save_memory,
 )
 from kedit.requests import RequestError
-from kedit.testbed import edit_requests, load_testbed_model
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_testbed_model("gpt2")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_testbed_model("llama")
-
-
-@pytest.fixture(scope="module")
-def reqs():
-    return edit_requests(n=20)
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _logits(model, tok, text):
-    with torch.no_grad():
-        return model(**tok(text, return_tensors="pt")).logits
-
-
-def _no_memory(model):
-    assert MEMORY_ATTR not in model.__dict__
-    assert all(not m._forward_hooks for m in model.modules())
+from kedit.testbed import load_testbed_model
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])

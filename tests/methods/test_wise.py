@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from memory_common import logits as _logits
+from memory_common import no_memory as _no_memory
+from memory_common import state as _state
 
 import kedit
 from kedit.api import answers_match, greedy_answers
 from kedit.deltas import EditDelta
 from kedit.memory import (
-    MEMORY_ATTR,
     MEMORY_CONFIG,
     MEMORY_TENSORS,
     EditMemoryError,
@@ -25,36 +27,7 @@ from kedit.memory import (
 )
 from kedit.memory.side import shard_mask, ties_merge, trim
 from kedit.requests import RequestError
-from kedit.testbed import edit_requests, load_testbed_model
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_testbed_model("gpt2")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_testbed_model("llama")
-
-
-@pytest.fixture(scope="module")
-def reqs():
-    return edit_requests(n=20)
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _logits(model, tok, text):
-    with torch.no_grad():
-        return model(**tok(text, return_tensors="pt")).logits
-
-
-def _no_memory(model):
-    assert MEMORY_ATTR not in model.__dict__
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+from kedit.testbed import load_testbed_model
 
 
 def _side(model) -> SideMemory:
