@@ -201,6 +201,49 @@ def rome_ratio(model: str, n: int, threads: int, repeats: int = 3) -> dict:
             "plain_s": round(t_plain, 3), "ratio": round(t_kedit / t_plain, 3), "max_rel_diff": worst}
 
 
+def rome_ratio_width(width: int, n: int, steps: int, threads: int) -> dict:
+    """The ROME ratio of :func:`rome_ratio` on a random testbed-shaped Llama ``width`` wide (6 layers, the testbed
+    tokenizer, intermediate ≈ 2.7 × width, 32-wide heads), edit layer 0 as the testbed Llama preset, exactly
+    ``steps`` v* steps per request (early stopping off, so both loops do the same work): how the ratio moves when
+    a step's cost is its FLOPs rather than its number of operations."""
+    import dataclasses
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from kedit.api import load_model
+    from kedit.arch import get_adapter
+    from kedit.core.config import target_config
+    from kedit.core.context import EditContext
+    from kedit.core.targets import Site, optimize_targets
+    from kedit.methods.presets import preset_for
+    from kedit.methods.rome import ROMEConfig
+    from kedit.testbed import edit_requests, load_world
+    from kedit.testing import tiny_model
+
+    base, tok = load_model("testbed-llama")
+    rc = ROMEConfig(**{k: (tuple(map(tuple, v)) if k == "context_lengths" else v)
+                       for k, v in preset_for("rome", base).items()})
+    heads = max(1, width // 32)
+    m = tiny_model("llama", vocab_size=base.config.vocab_size, hidden_size=width,
+                   intermediate_size=int(round(2.7 * width / 8)) * 8, num_hidden_layers=6, num_attention_heads=heads,
+                   num_key_value_heads=heads, max_position_embeddings=base.config.max_position_embeddings)
+    adapter = get_adapter(m)
+    templates = EditContext().context_templates(base, tok, rc.context_lengths)  # the testbed's own templates
+    cfg = dataclasses.replace(target_config(rc), steps=steps, early_stop_loss=0.0)
+    site = Site("mlp_out", rc.layer)
+    t_kedit = t_plain = 0.0
+    for req in edit_requests(load_world(), n=n):
+        t0 = time.perf_counter()
+        optimize_targets(m, tok, adapter, [req], [site], cfg, templates)
+        t_kedit += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plain_rome_v(m, tok, adapter, req, rc.layer, templates, cfg)
+        t_plain += time.perf_counter() - t0
+    return {"width": width, "n": n, "steps": steps, "kedit_s": round(t_kedit, 3), "plain_s": round(t_plain, 3),
+            "ratio": round(t_kedit / t_plain, 3)}
+
+
 def _child(args: list[str]) -> tuple[dict | None, float, str]:
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -229,13 +272,20 @@ def main() -> None:
     p.add_argument("--_ratio", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--rome-repeats", type=int, default=3,
                    help="time each ROME request this many times (both loops) and keep the fastest (default 3)")
+    p.add_argument("--rome-widths", nargs="*", type=int, default=[],
+                   help="also the ROME ratio on random testbed-shaped Llamas of these widths (20 fixed steps, 3 "
+                        "requests each): how the ratio moves from an op-bound to a FLOP-bound step")
     p.add_argument("--_rome", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--_romew", nargs=1, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._cell:
         sys.stdout.write(json.dumps(run_cell(a._cell[0], a._cell[1], int(a._cell[2]), a.threads)) + "\n")
         return
     if a._ratio:
         sys.stdout.write(json.dumps(target_ratio(a._ratio[0], int(a._ratio[1]), a.threads)) + "\n")
+        return
+    if a._romew:
+        sys.stdout.write(json.dumps(rome_ratio_width(int(a._romew[0]), 3, 20, a.threads)) + "\n")
         return
     if a._rome:
         sys.stdout.write(json.dumps(rome_ratio(a._rome[0], int(a._rome[1]), a.threads, int(a._rome[2]))) + "\n")
@@ -276,7 +326,16 @@ def main() -> None:
                       f"{res['ratio']:.3f} (max |Δδ|/‖δ‖ {res['max_rel_diff']:.1e})")
             else:
                 print(f"ROME ratio on {model} failed: {error}")
-    out = {"cells": rows, "target_optimisation": ratios, "rome_vs_plain_loop": rome}
+    widths = []
+    for w in a.rome_widths:
+        res, _, error = _child(["--threads", str(a.threads), "--_romew", str(w)])
+        if res is not None:
+            widths.append(res)
+            print(f"ROME v* on a random 6-layer Llama {w} wide, 3 requests x 20 steps: kedit {res['kedit_s']:.2f}s vs "
+                  f"plain loop {res['plain_s']:.2f}s -> ratio {res['ratio']:.3f}")
+        else:
+            print(f"ROME width {w} failed: {error}")
+    out = {"cells": rows, "target_optimisation": ratios, "rome_vs_plain_loop": rome, "rome_by_width": widths}
     if a.json_path:
         with open(a.json_path, "w") as fh:
             json.dump(out, fh, indent=2)
