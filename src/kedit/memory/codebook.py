@@ -133,6 +133,7 @@ class Codebook:
         self._keys: list[torch.Tensor] = []
         # fp32 (fp64 for fp64 models), on the layer's device
         self.keys: torch.Tensor | None = None  # [N, d_in]
+        self.key_sq: torch.Tensor | None = None  # [N]: ‖k‖², for the nearest-key search
         self.values: torch.Tensor | None = None  # [N, d_out]
         self.radii: torch.Tensor | None = None  # [N], slack included
         self.handle: Any = None
@@ -170,9 +171,10 @@ class Codebook:
 
     def _materialise(self) -> None:
         if not self.entries:
-            self.keys = self.values = self.radii = None
+            self.keys = self.values = self.radii = self.key_sq = None
             return
         self.keys = torch.stack(self._keys)
+        self.key_sq = (self.keys * self.keys).sum(dim=1)
         self.values = torch.stack([self.records[e.creator].value for e in self.entries])
         self.radii = torch.tensor([e.radius * (1 + RADIUS_SLACK) for e in self.entries], dtype=self.keys.dtype,
                                   device=self.keys.device)
@@ -187,9 +189,13 @@ class Codebook:
             n = h.shape[0]
             return torch.zeros(n, dtype=torch.bool, device=h.device), torch.zeros(n, dtype=torch.long, device=h.device)
         q = h.to(device=self.keys.device, dtype=self.keys.dtype)
-        # the direct kernel, not the matmul expansion: a query equal to a key gets distance 0, not cancellation noise
-        d = torch.cdist(q, self.keys, compute_mode="donot_use_mm_for_euclid_dist")
-        dmin, idx = d.min(dim=1)
+        # the nearest key by the matmul expansion ‖q‖² − 2 q·k + ‖k‖² (one GEMM: fast for thousands of entries),
+        # then that key's distance computed directly, so a query equal to a key gets distance 0, not cancellation
+        # noise. (The expansion can only pick another key than the exact nearest one when two keys are equidistant
+        # to within its rounding, ~1e-7·‖q‖²: then either is the nearest.)
+        d2 = self.key_sq[None, :] - 2.0 * (q @ self.keys.T)
+        idx = d2.argmin(dim=1)
+        dmin = torch.linalg.vector_norm(q - self.keys[idx], dim=1)
         return dmin <= self.radii[idx], idx
 
     def replace(self, x: torch.Tensor, output: Any) -> Any:
