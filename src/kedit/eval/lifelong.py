@@ -328,11 +328,11 @@ def run_lifelong(
         EVAL_FORMAT_VERSION,
         LOCALITY_RULE,
         EvalRun,
-        RunMismatchError,
         _append_jsonl,
         _evaluate,
         _identity_config,
         _jsonable,
+        _open_run_dir,
         _ppl,
         _pre_edit,
         _read_jsonl,
@@ -405,17 +405,9 @@ def run_lifelong(
     done: dict[int, dict[str, Any]] = {}
     prior_seconds = 0.0
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         mpath = out / "manifest.json"
-        if mpath.is_file():
-            old = json.loads(mpath.read_text(encoding="utf-8"))
-            old_id = {k: old.get(k) for k in identity}
-            old_id["eval_config"] = _identity_config(old.get("eval_config") or {})
-            if old_id != identity:
-                diff = sorted(k for k in identity if old_id.get(k) != identity[k])
-                raise RunMismatchError(f"{out} holds results of a different run (differs in: {', '.join(diff)}); "
-                                       "use another output directory or delete it")
-            prior_seconds = float((old.get("state") or {}).get("seconds", 0.0))
+        resuming, prior_seconds = _open_run_dir(out, identity)
+        if resuming:
             for row in _read_jsonl(out / "checkpoints.jsonl"):
                 if int(row["n_edits"]) in cps:
                     done[int(row["n_edits"])] = row

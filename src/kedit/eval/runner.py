@@ -288,6 +288,26 @@ def summarize(
 LIFELONG_FIELDS = ("checkpoints", "reedit_rate", "locality_probes")
 
 
+def _open_run_dir(out: Path, identity: Mapping[str, Any]) -> tuple[bool, float]:
+    """Create ``out`` or check that the run it holds is this one (``identity``: the manifest keys that define a
+    run); returns ``(resuming, seconds already spent)``. Raises :class:`RunMismatchError` for another run's
+    results. Shared by :func:`run_eval` and the lifelong runner (:mod:`kedit.eval.lifelong`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    mpath = out / "manifest.json"
+    if not mpath.is_file():
+        return False, 0.0
+    old = json.loads(mpath.read_text(encoding="utf-8"))
+    old_id = {k: old.get(k) for k in identity}
+    old_id["eval_config"] = _identity_config(old.get("eval_config") or {})
+    if old_id != identity:
+        diff = sorted(k for k in identity if old_id.get(k) != identity[k])
+        raise RunMismatchError(
+            f"{out} holds results of a different run (differs in: {', '.join(diff)}); "
+            "use another output directory or delete it"
+        )
+    return True, float((old.get("state") or {}).get("seconds", 0.0))
+
+
 def _identity_config(eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The part of an evaluation config that decides results (batch sizes of measurement do not)."""
     lifelong = str(eval_cfg.get("protocol", "")).startswith("lifelong")
@@ -420,19 +440,9 @@ def run_eval(
     done: dict[int, dict[str, Any]] = {}
     prior_seconds = 0.0
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         mpath = out / "manifest.json"
-        if mpath.is_file():
-            old = json.loads(mpath.read_text(encoding="utf-8"))
-            old_id = {k: old.get(k) for k in identity}
-            old_id["eval_config"] = _identity_config(old.get("eval_config") or {})
-            if old_id != identity:
-                diff = sorted(k for k in identity if old_id.get(k) != identity[k])
-                raise RunMismatchError(
-                    f"{out} holds results of a different run (differs in: {', '.join(diff)}); "
-                    "use another output directory or delete it"
-                )
-            prior_seconds = float((old.get("state") or {}).get("seconds", 0.0))
+        resuming, prior_seconds = _open_run_dir(out, identity)
+        if resuming:
             for row in _read_jsonl(out / "records.jsonl"):
                 done[int(row["index"])] = row
             if done:
