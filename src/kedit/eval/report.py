@@ -258,6 +258,13 @@ def lifelong_points(run: EvalRun, metric: str) -> list[tuple[float, float]]:
     return pts
 
 
+def plt_null_formatter():
+    """No labels on minor ticks (a log axis over one decade otherwise prints 5×10¹, 6×10¹ ... on top of each other)."""
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
+
+
 def plot_lifelong(runs: Sequence[EvalRun], path: str | os.PathLike[str],
                   columns: Sequence[str] = LIFELONG_COLUMNS) -> Path | None:
     """Lifelong curves: one panel per metric, metric vs number of edits (log x), one line per method (and k);
@@ -270,7 +277,9 @@ def plot_lifelong(runs: Sequence[EvalRun], path: str | os.PathLike[str],
     nrows = (len(cols) + ncols - 1) // ncols
     fig = _figure(ncols, nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    xs = [c["n_edits"] for r in ll for c in r.summary["checkpoints"]]
     for ax, col in zip(axes, cols):
+        ys: list[float] = []
         for i, r in enumerate(ll):
             pts = lifelong_points(r, col)
             if col == "cost/memory_bytes":
@@ -278,11 +287,20 @@ def plot_lifelong(runs: Sequence[EvalRun], path: str | os.PathLike[str],
             if pts:
                 label = f"{r.summary['method']} k={r.summary.get('batch_size')}"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{i}", label=label)
+                ys += [p[1] for p in pts]
         ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.2, max(xs) * 1.2)  # every panel on the same x range, even one with fewer points
+        ax.xaxis.set_minor_formatter(plt_null_formatter())
         ax.set_xlabel("number of edits")
         ax.set_title(col + (" (MiB)" if col == "cost/memory_bytes" else ""), fontsize=9)
-        if col == "capability/perplexity" and ax.has_data():
-            ax.set_yscale("log")
+        if not ys:
+            continue
+        if col.startswith(("cost/", "capability/")):
+            lo, hi = min(ys), max(ys)
+            pad = max(hi - lo, 0.05 * abs(hi), 1e-9) * 0.5  # a flat curve is drawn flat, not magnified noise
+            ax.set_ylim(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)
+        else:  # rates: always the whole [0, 1] scale
+            ax.set_ylim(-0.02, 1.02)
     for ax in axes[len(cols):]:
         ax.set_visible(False)
     axes[0].legend(fontsize=7)
