@@ -200,14 +200,18 @@ def edit_context(stats_dir: Path | None, no_cache: bool, **kw: Any) -> Any:
 
 # -- requests --------------------------------------------------------------------------------------------------------
 def resolve_requests(
-    spec: str, limit: int | None = None, fmt: str | None = None, *, distinct: bool = False
+    spec: str, limit: int | None = None, fmt: str | None = None, *, distinct: bool = False, whole: bool = False
 ) -> list[Any]:
     """``testbed``, ``testbed:N`` (the first N), ``testbed:A-B`` (requests A..B-1, e.g. a held-out slice) -- the
     testbed's counterfactual requests -- or a dataset file in any supported format.
 
     With ``distinct``, only the first request of each subject is kept (:func:`kedit.data.distinct_subjects`,
-    the mass-editing protocol of MEMIT), and ``limit`` counts the kept ones.
+    the mass-editing protocol of MEMIT), and ``limit`` counts the kept ones. With ``whole``, every request of as
+    few subjects as give ``limit`` requests, interleaved (:func:`kedit.data.whole_subjects`: long streams that leave
+    the other subjects untouched).
     """
+    if distinct and whole:
+        fail("--distinct-subjects and --whole-subjects exclude each other")
     if limit is not None and limit < 1:
         fail(f"--limit must be at least 1, got {limit}")
     if spec == "testbed" or spec.startswith("testbed:"):
@@ -223,7 +227,7 @@ def resolve_requests(
         if not path.exists():
             fail(f"requests file {spec!r} not found (or use testbed[:N] / testbed:A-B)")
         try:
-            reqs = load_requests(path, format=fmt, limit=None if distinct else limit)
+            reqs = load_requests(path, format=fmt, limit=None if distinct or whole else limit)
         except (DataFormatError, ValueError) as e:
             fail(str(e))
     if distinct:
@@ -231,6 +235,13 @@ def resolve_requests(
 
         try:
             reqs = distinct_subjects(reqs, limit=limit)
+        except ValueError as e:
+            fail(str(e))
+    elif whole:
+        from kedit.data import whole_subjects
+
+        try:
+            reqs = whole_subjects(reqs, limit=limit)
         except ValueError as e:
             fail(str(e))
     elif limit is not None:

@@ -63,3 +63,33 @@ def test_distinct_per_batch_keeps_every_request_and_chunks_of_k():
     assert subject_conflicts(crowded[2:4]) == 1
     with pytest.raises(ValueError):
         distinct_per_batch(reqs, 0)
+
+
+def test_whole_subjects_keeps_all_or_none_of_a_subject_interleaved():
+    from kedit.data import whole_subjects
+
+    reqs = [_req(s, "x", str(i)) for i, s in enumerate("A B A C B A D C E".split())]
+    out = whole_subjects(reqs, limit=5)
+    # A (3), B (2) reach 5: C, D, E stay untouched; round-robin A B A B A
+    assert [r.case_id for r in out] == ["0", "1", "2", "4", "5"]
+    assert {r.subject for r in out} == {"A", "B"}
+    # the limit falls inside a subject: its first requests come in every round, the tail of the last round is cut
+    out = whole_subjects(reqs, limit=6)
+    assert [r.subject for r in out] == ["A", "B", "C", "A", "B", "C"]
+    assert len(whole_subjects(reqs)) == len(reqs)  # no limit: everything, interleaved
+    with pytest.raises(ValueError, match="only 9 requests"):
+        whole_subjects(reqs, limit=10)
+
+
+def test_whole_subjects_leaves_a_lifelong_locality_pool_on_the_testbed():
+    """T = 1000 on the default world: the stream of whole subjects leaves hundreds of facts untouched (the
+    testbed's requests in order touch 315 of 316 subjects and leave 6)."""
+    from kedit.cli import resolve_requests
+    from kedit.eval.lifelong import choose_probes, make_stream, testbed_locality_facts, testbed_reedit_targets
+    from kedit.testbed import load_world
+
+    world = load_world()
+    reqs = resolve_requests("testbed", limit=1000, whole=True)
+    stream = make_stream(reqs, 1000, 0.1, k=1, targets=testbed_reedit_targets(world))
+    probes, pool = choose_probes(testbed_locality_facts(world), stream, 200)
+    assert len(probes) == 200 and pool >= 500

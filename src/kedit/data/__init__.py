@@ -16,7 +16,7 @@ from .api import dump_requests, load_dataset, load_requests, parse_records, read
 from .detect import FORMATS, FormatInfo, classify_record, detect_format
 from .errors import DataFormatError, RecordProblem, UnsupportedForEditingError
 from .records import LoadedDataset, MQuAKECase, MQuAKEHop, SentimentTopic, sentiment_requests
-from .select import distinct_per_batch, distinct_subjects, subject_conflicts, subject_key
+from .select import distinct_per_batch, distinct_subjects, subject_conflicts, subject_key, whole_subjects
 
 __all__ = [
     "FORMATS",
@@ -40,4 +40,5 @@ __all__ = [
     "sentiment_requests",
     "subject_conflicts",
     "subject_key",
+    "whole_subjects",
 ]

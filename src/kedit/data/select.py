@@ -18,7 +18,14 @@ from collections.abc import Sequence
 
 from kedit.requests import EditRequest
 
-__all__ = ["distinct_per_batch", "distinct_subjects", "mentions_any", "subject_conflicts", "subject_key"]
+__all__ = [
+    "distinct_per_batch",
+    "distinct_subjects",
+    "mentions_any",
+    "subject_conflicts",
+    "subject_key",
+    "whole_subjects",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,44 @@ def distinct_subjects(requests: Sequence[EditRequest], limit: int | None = None)
     dropped = len(requests) - len(out) if limit is None else None
     if dropped:
         log.info("distinct subjects: kept %d of %d requests (%d shared a subject)", len(out), len(requests), dropped)
+    return out
+
+
+def whole_subjects(requests: Sequence[EditRequest], limit: int | None = None) -> list[EditRequest]:
+    """Every request of as few subjects as give ``limit`` requests, interleaved across the subjects.
+
+    For long edit streams that must leave part of the data *untouched* (``lifelong/v1`` measures locality on facts
+    whose subject no edit names): subjects are taken in order of first appearance, each with all of its requests,
+    until ``limit`` requests are reached, so every subject beyond them stays unedited. The kept requests are then
+    ordered round-robin over the kept subjects (every subject's first request, then every subject's second, ...;
+    within a subject, input order), so two requests about one subject are as far apart as the subject count allows
+    (which keeps batches of ``k`` conflict-free while ``k`` is at most the number of kept subjects). With
+    ``limit``, the round-robin list is cut to ``limit`` requests (the last round's tail is dropped; every kept
+    subject still has its first request in). Raises ``ValueError`` if the requests are fewer than ``limit``.
+    """
+    every: dict[str, list[EditRequest]] = {}
+    for req in requests:
+        every.setdefault(subject_key(req.subject), []).append(req)
+    groups: dict[str, list[EditRequest]] = {}
+    total = 0
+    for key, reqs in every.items():
+        if limit is not None and total >= limit:
+            break
+        groups[key] = reqs
+        total += len(reqs)
+    if limit is not None and total < limit:
+        raise ValueError(f"asked for {limit} requests of whole subjects, but there are only {total} requests")
+    out: list[EditRequest] = []
+    rnd = 0
+    while len(out) < total:
+        for reqs in groups.values():
+            if rnd < len(reqs):
+                out.append(reqs[rnd])
+        rnd += 1
+    if limit is not None:
+        out = out[:limit]
+    log.info("whole subjects: %d requests of %d subjects (%d of the %d requests given left untouched)", len(out),
+             len(groups), len(requests) - total, len(requests))
     return out
 
 

@@ -115,6 +115,9 @@ def register(app: typer.Typer) -> None:
         limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate at most N records."),
         distinct: bool = typer.Option(False, "--distinct-subjects",
                                       help="Keep only the first request of each subject (conflict-free batches)."),
+        whole: bool = typer.Option(False, "--whole-subjects",
+                                   help="Every request of as few subjects as give --limit requests, interleaved "
+                                        "(lifelong streams that leave the other subjects untouched)."),
         per_batch: bool = typer.Option(False, "--distinct-per-batch",
                                        help="Reorder (keep all) so each batch of k has distinct subjects where possible."),
         out_dir: Path = typer.Option(..., "--out", "-o", help="Result directory (a rerun resumes it)."),
@@ -173,7 +176,7 @@ def register(app: typer.Typer) -> None:
         validate_method(name, overrides)
         if ppl_file is not None and not ppl_file.is_file():
             fail(f"--ppl-texts {str(ppl_file)!r} not found")
-        reqs = resolve_requests(data, limit, fmt, distinct=distinct)
+        reqs = resolve_requests(data, limit, fmt, distinct=distinct, whole=whole)
         if per_batch:
             from kedit.data import distinct_per_batch
 
