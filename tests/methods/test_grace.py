@@ -183,6 +183,62 @@ def test_expand_and_split_rules():
     assert [(e.creator, e.radius) for e in entries] == [("e0", pytest.approx(0.75)), ("e1", pytest.approx(0.75))]
 
 
+def test_a_split_never_drops_an_expanded_owner():
+    # e1 joins e0's ball by expansion (same target, d = 1.5); e2 (another target, d = 1 from e0, 2.5 from e1)
+    # splits it to 0.5: e1's key would be outside every ball, so it gets its own entry
+    entries, keys = fold([_rec(0, [0.0, 0.0], "A"), _rec(1, [1.5, 0.0], "A"), _rec(2, [-1.0, 0.0], "B")])
+    by = {e.creator: e for e in entries}
+    assert set(by) == {"e0", "e1", "e2"} and by["e0"].owners == ["e0"] and by["e1"].owners == ["e1"]
+    assert by["e0"].radius == pytest.approx(0.5) and by["e2"].radius == pytest.approx(0.5)
+    assert by["e1"].radius == pytest.approx(1.0)  # min(ε₀, ‖k1 − k2‖ / 2 = 1.25)
+    # every record's key is inside a ball answering its own target
+    labels = {"e0": "A", "e1": "A", "e2": "B"}
+    for rid, k in (("e0", [0.0, 0.0]), ("e1", [1.5, 0.0]), ("e2", [-1.0, 0.0])):
+        d = torch.linalg.vector_norm(torch.stack(keys) - torch.tensor(k), dim=1)
+        j = int(d.argmin())
+        assert float(d[j]) <= entries[j].radius and labels[entries[j].creator] == labels[rid]
+    # an owner the shrunk ball still covers stays an owner
+    entries, _ = fold([_rec(0, [0.0, 0.0], "A"), _rec(1, [0.3, 0.0], "A"), _rec(2, [-1.5, 0.0], "B")])
+    assert len(entries) == 2 and entries[0].owners == ["e0", "e1"]
+
+
+def test_span_replaces_the_target_positions_in_teacher_forcing_and_kv_cached_decoding(gpt2, llama, reqs):
+    """The value replaces the layer output at the last prompt token and the target positions after it -- in one
+    teacher-forced forward and, carried by the root pre-hook, in each KV-cached decode step -- and nowhere else."""
+    from kedit.core.keys import target_ids
+
+    req = max(reqs[:20], key=lambda r: len(r.target_new))  # a long (multi-token) target
+    for model, tok in (gpt2, llama):
+        res = kedit.edit(model, tok, [req], method="grace")
+        try:
+            book = next(iter(get_memory(model).values()))
+            span = int(book.spans[0])
+            prompt, tgt = tok(req.text)["input_ids"], target_ids(tok, req.target_new)
+            assert span == len(tgt) > 1
+            module = model.get_submodule(book.module_path)
+            seen = []
+            h = module.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+            try:
+                ids = torch.tensor([prompt + tgt + tgt])  # runs on past the span
+                with torch.no_grad():
+                    model(input_ids=ids)
+                replaced = (seen[-1][0] == book.values[0]).all(dim=-1).nonzero().flatten().tolist()
+                last = len(prompt) - 1
+                assert replaced == list(range(last, last + span))
+                # KV-cached greedy decoding: the prefill replaces the last prompt position, then span - 1 steps
+                seen.clear()
+                out = model.generate(torch.tensor([prompt]), max_new_tokens=span + 3, do_sample=False,
+                                     pad_token_id=tok.eos_token_id)
+            finally:
+                h.remove()
+            steps = [bool((o[0, -1] == book.values[0]).all()) for o in seen]
+            assert steps == [True] * span + [False] * (len(steps) - span)
+            assert out[0, len(prompt): len(prompt) + len(tgt)].tolist() == tgt
+        finally:
+            res.revert(model)
+        _no_memory(model)
+
+
 def test_a_reedit_of_the_same_key_replaces_the_entry():
     # the same key with another label: the split rule would leave two balls of radius 0; the newest edit wins
     entries, keys = fold([_rec(0, [3.0, 4.0], "A"), _rec(1, [3.0, 4.0], "B")])

@@ -156,10 +156,7 @@ def _add(model: nn.Module, records: Sequence[Record], modules: Sequence[str]) ->
             book.add([Record(r.edit_id, r.key.detach().to(dev, cdt), r.value.detach().to(dev, cdt),
                              r.label, float(r.epsilon), r.method, r.request, r.info)
                       for r, p in zip(records, modules) if _slot(p, r.method) == slot])
-            if isinstance(book, SideMemory):
-                book.install(module, model)
-            else:
-                book.install(module)
+            book.install(module, model)
             books[slot] = book
     except BaseException:
         for path, book in books.items():
@@ -171,11 +168,18 @@ def _add(model: nn.Module, records: Sequence[Record], modules: Sequence[str]) ->
     _set(model, books)
 
 
+def _record_info(info: dict[str, Any]) -> dict[str, Any] | None:
+    """What a record keeps of an update's ``info``: all of it for WISE; GRACE's replacement span when set."""
+    if info["method"] == SideMemory.kind:
+        return dict(info)
+    return {"span": int(info["span"])} if "span" in info else None
+
+
 def add_entries(model: nn.Module, updates: Sequence[Any]) -> None:
     """Add :class:`~kedit.deltas.MemoryEntryUpdate` entries (what ``EditDelta.apply`` calls); all-or-nothing."""
     records = [Record(u.edit_id, u.key, u.value, str(u.info["label"]), float(u.info["epsilon"]),
                       str(u.info["method"]), u.info.get("request"),
-                      dict(u.info) if u.info["method"] == SideMemory.kind else None) for u in updates]
+                      _record_info(u.info)) for u in updates]
     _add(model, records, [str(u.info["module"]) for u in updates])
 
 

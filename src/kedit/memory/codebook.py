@@ -3,11 +3,16 @@ Model Editing with Discrete Key-Value Adaptors", NeurIPS 2023).
 
 The codebook sits on one Linear/Conv1D module (the layer kedit.arch names; GRACE uses the MLP output projection)
 through a forward hook, so the module, its parameters and the ``state_dict`` are never changed. At every forward
-(prefill and each KV-cached decode step alike) every position's layer input ``h`` is a query: with ``k_i`` the
-nearest key (Euclidean) and ``ε_i`` its deferral radius, the layer output at that position is replaced by the
-value ``v_i`` when ``‖h − k_i‖ ≤ ε_i``, and left untouched otherwise. Positions are independent, so padding (left
-or right) cannot move a replacement, and a batch gives what each row gives alone (pad positions may be replaced
-too; the attention mask hides them).
+(prefill and each KV-cached decode step alike) every real position's layer input ``h`` is a query: with ``k_i``
+the nearest key (Euclidean) and ``ε_i`` its deferral radius, the query *hits* when ``‖h − k_i‖ ≤ ε_i``.
+
+**Span.** A hit at position ``p`` replaces the layer output by the value ``v_i`` at ``p`` and at the next
+``span_i − 1`` positions (``span_i`` = the entry's ``info["span"]``, 1 when absent), the positions its value was
+trained on: the last prompt token and the target tokens after it. The latest hit of a row governs; a span that
+runs past the end of a forward is carried into the row's next KV-cached decode steps (the cache length and the
+attention mask come from a pre-hook on the root model, :mod:`kedit.memory.sequence`). Pad positions (attention
+mask 0) never hit, so a padded batch gives what each row gives alone. Without hits the module's own output is
+returned untouched (bitwise the unedited model).
 
 State and its rules
 -------------------
@@ -18,7 +23,10 @@ record (:func:`fold`):
 * no entry, or ``d = ‖k − k_i‖ > ε₀ + ε_i`` for the nearest entry ``i``: a new entry ``(k, v, ε₀)``;
 * ``d ≤ ε₀ + ε_i`` and the same label: **expand** -- ``ε_i ← max(ε_i, d)`` (the paper's "coverage" expansion),
   the new edit joins the entry's owners and the entry keeps its value;
-* ``d ≤ ε₀ + ε_i`` and a different label: **split** -- ``ε_i ← d / 2`` and a new entry ``(k, v, d / 2)``;
+* ``d ≤ ε₀ + ε_i`` and a different label: **split** -- ``ε_i ← d / 2`` and a new entry ``(k, v, d / 2)``; an
+  edit that had *joined* the split entry by expansion and whose key the shrunk ball no longer covers gets an entry
+  of its own (its key and trained value, radius ``min(ε₀, ‖k_o − k‖ / 2)``). The paper's rules would silently drop
+  that edit (measured: 2 of 900 lost on testbed-gpt2 at T = 1000); this is kedit's rule;
 * a different label on a key that *coincides* with the entry's centre (``d ≤`` :data:`SAME_KEY_RTOL` ``· ‖k‖``: the
   same prompt edited again, a re-edit): **replace** -- the newest edit takes the entry over (its key, value and
   label; the radius stays). The split rule would give both balls radius ``d / 2 ≈ 0`` and neither edit would
@@ -40,7 +48,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Codebook", "Entry", "Record", "fold"]
+from kedit.memory.sequence import ForwardContext
+
+__all__ = ["Codebook", "Entry", "Record", "fold", "span_of"]
 
 #: relative slack on a radius at look-up time: an expanded ball's boundary key (``ε_i = d``) recomputed in another
 #: batch shape differs from the stored one in the last bits
@@ -64,6 +74,11 @@ class Record:
     info: dict[str, Any] | None = None
 
 
+def span_of(r: Record) -> int:
+    """Positions a hit of ``r``'s entry replaces (``info["span"]``; 1 for records without one)."""
+    return max(1, int((r.info or {}).get("span", 1)))
+
+
 @dataclass
 class Entry:
     """A ball of the codebook: centred on ``creator``'s key, holding its value, answering for ``owners``."""
@@ -83,10 +98,12 @@ def fold(
     and their centre keys. Radii of entries whose creator has a cap are clamped to it."""
     entries, keys = ([], []) if start is None else ([Entry(e.creator, e.radius, list(e.owners)) for e in start[0]],
                                                       list(start[1]))
-    labels = {} if by_id is None else {rid: r.label for rid, r in by_id.items()}
+    recs = {} if by_id is None else dict(by_id)
+    labels = {rid: r.label for rid, r in recs.items()}
     caps = caps or {}
     for r in records:
         labels[r.edit_id] = r.label
+        recs[r.edit_id] = r
         if entries:
             dist = torch.linalg.vector_norm(torch.stack(keys) - r.key, dim=1)
             i = int(torch.argmin(dist))
@@ -103,6 +120,15 @@ def fold(
                     keys[i] = r.key
                     continue
                 e.radius = min(d / 2, caps.get(e.creator, float("inf")))  # split
+                # an expanded owner the shrunk ball no longer covers gets its own entry (kedit's rule)
+                for o in [o for o in e.owners if o != e.creator]:
+                    ko = recs[o].key
+                    if float(torch.linalg.vector_norm(ko - keys[i])) > e.radius:
+                        e.owners.remove(o)
+                        radius = min(recs[o].epsilon, float(torch.linalg.vector_norm(ko - r.key)) / 2,
+                                     caps.get(o, float("inf")))
+                        entries.append(Entry(o, radius, [o]))
+                        keys.append(ko)
                 entries.append(Entry(r.edit_id, min(d / 2, caps.get(r.edit_id, float("inf"))), [r.edit_id]))
                 keys.append(r.key)
                 continue
@@ -136,7 +162,12 @@ class Codebook:
         self.key_sq: torch.Tensor | None = None  # [N]: ‖k‖², for the nearest-key search
         self.values: torch.Tensor | None = None  # [N, d_out]
         self.radii: torch.Tensor | None = None  # [N], slack included
+        self.spans: torch.Tensor | None = None  # [N] int64: positions a hit replaces (the value's training span)
         self.handle: Any = None
+        self._root_handles: list[Any] = []
+        self._ctx: tuple[torch.Tensor | None, int] | None = None
+        #: (entry [B], remaining [B]) of spans that run into the next decode step of the same sequences
+        self._carry: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- state --------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -170,13 +201,16 @@ class Codebook:
         self._materialise()
 
     def _materialise(self) -> None:
+        self._carry = None
         if not self.entries:
-            self.keys = self.values = self.radii = self.key_sq = None
+            self.keys = self.values = self.radii = self.key_sq = self.spans = None
             return
         self.keys = torch.stack(self._keys)
         self.key_sq = (self.keys * self.keys).sum(dim=1)
         self.values = torch.stack([self.records[e.creator].value for e in self.entries])
         self.radii = torch.tensor([e.radius * (1 + RADIUS_SLACK) for e in self.entries], dtype=self.keys.dtype,
+                                  device=self.keys.device)
+        self.spans = torch.tensor([span_of(self.records[e.creator]) for e in self.entries], dtype=torch.long,
                                   device=self.keys.device)
 
     def owner_of(self, edit_id: str) -> Entry | None:
@@ -199,22 +233,57 @@ class Codebook:
         return dmin <= self.radii[idx], idx
 
     def replace(self, x: torch.Tensor, output: Any) -> Any:
-        if self.keys is None or not isinstance(output, torch.Tensor):
+        if self.keys is None or not isinstance(output, torch.Tensor) or x.ndim < 2:
             return None
-        hit, idx = self.lookup(x.reshape(-1, x.shape[-1]))
-        if not bool(hit.any()):
+        x3 = x if x.ndim == 3 else x.unsqueeze(0)
+        b, t = x3.shape[0], x3.shape[1]
+        mask, past = self._ctx if self._ctx is not None else (None, 0)
+        carry = self._carry if past > 0 and self._carry is not None and self._carry[0].numel() == b else None
+        self._carry = None
+        hit, idx = self.lookup(x3.reshape(-1, x3.shape[-1]))
+        hit, idx = hit.view(b, t), idx.view(b, t)
+        if mask is not None and mask.ndim == 2 and mask.shape[0] == b and mask.shape[1] >= t:
+            hit = hit & mask[:, -t:].to(device=hit.device, dtype=torch.bool)
+        if carry is None and not bool(hit.any()):
             return None  # the module's own output, untouched
-        flat = output.reshape(-1, output.shape[-1]).clone()
-        hit = hit.to(flat.device)
-        flat[hit] = self.values[idx[hit.to(idx.device)]].to(device=flat.device, dtype=flat.dtype)
-        return flat.view_as(output)
+        pos = torch.arange(t, device=hit.device).expand(b, t)
+        latest = torch.where(hit, pos, torch.full_like(pos, -1)).cummax(dim=1).values  # latest hit at or before
+        entry = idx.gather(1, latest.clamp_min(0))
+        active = (latest >= 0) & (pos < latest + self.spans[entry])
+        if carry is not None:
+            c_entry, c_left = (c.to(hit.device) for c in carry)
+            from_carry = (latest < 0) & (pos < c_left[:, None])
+            entry = torch.where(from_carry, c_entry[:, None].expand(b, t), entry)
+            active = active | from_carry
+        # what runs on into this sequence's next decode step
+        last_entry, end = entry[:, -1], torch.where(latest[:, -1] >= 0, latest[:, -1] + self.spans[entry[:, -1]], 0)
+        left = torch.where(active[:, -1], end - t, 0)
+        if carry is not None:
+            left = torch.where(active[:, -1] & (latest[:, -1] < 0), c_left - t, left)
+        if bool((left > 0).any()):
+            self._carry = (last_entry, left.clamp_min(0))
+        if not bool(active.any()):
+            return None
+        out3 = output if output.ndim == 3 else output.unsqueeze(0)
+        new = out3.clone()
+        rows = active.to(new.device)
+        new[rows] = self.values[entry[active]].to(device=new.device, dtype=new.dtype)
+        return new.view_as(output)
 
     # -- installation -------------------------------------------------------------------------------------------
-    def install(self, module: nn.Module) -> None:
+    def install(self, module: nn.Module, root: nn.Module | None = None) -> None:
+        """Hook ``module``; with ``root`` (the model), also the pre-hook that tells spans where a sequence starts
+        (without it, spans do not carry into KV-cached decode steps)."""
         if self.handle is None:
             self.handle = module.register_forward_hook(_Hook(self))
+            if root is not None and root is not module:
+                self._root_handles = ForwardContext(self).install(root)
 
     def uninstall(self) -> None:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles = []
+        self._ctx = self._carry = None
