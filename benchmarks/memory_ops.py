@@ -35,9 +35,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _prompts(n_edits: int, n_probes: int) -> tuple[list, list[str]]:
     from kedit.cli import resolve_requests
 
-    edits = resolve_requests("testbed", limit=n_edits, whole=True)
+    edits = resolve_requests("testbed:0-1500", limit=n_edits, whole=True)
     edited = {r.subject for r in edits}
-    probes = [r.text for r in resolve_requests("testbed") if r.subject not in edited][:n_probes]
+    probes = [r.text for r in resolve_requests("testbed:0-1500") if r.subject not in edited][:n_probes]
     return edits, probes
 
 

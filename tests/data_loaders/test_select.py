@@ -83,13 +83,14 @@ def test_whole_subjects_keeps_all_or_none_of_a_subject_interleaved():
 
 def test_whole_subjects_leaves_a_lifelong_locality_pool_on_the_testbed():
     """T = 1000 on the default world: the stream of whole subjects leaves hundreds of facts untouched (the
-    testbed's requests in order touch 315 of 316 subjects and leave 6)."""
+    testbed's requests in order touch 315 of 316 subjects and leave 6); the final-report slice stays out."""
     from kedit.cli import resolve_requests
     from kedit.eval.lifelong import choose_probes, make_stream, testbed_locality_facts, testbed_reedit_targets
     from kedit.testbed import load_world
 
     world = load_world()
-    reqs = resolve_requests("testbed", limit=1000, whole=True)
+    reqs = resolve_requests("testbed:0-1500", limit=1000, whole=True)
     stream = make_stream(reqs, 1000, 0.1, k=1, targets=testbed_reedit_targets(world))
     probes, pool = choose_probes(testbed_locality_facts(world), stream, 200)
     assert len(probes) == 200 and pool >= 500
+    assert not any(1500 <= int(str(r.case_id).split("/")[0]) < 1550 for r in stream)
