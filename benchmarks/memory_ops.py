@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -73,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if a._child:
         child(a._child[0], a._child[1], a.edits, a.probes)
         return 0
+    from tqdm import tqdm
+
     import kedit
     from kedit.memory import MemoryFormatError, edit_ids, load_memory, remove_edit, save_memory
-    from tqdm import tqdm
 
     model, tok = kedit.load_model(a.model)
     edits, probes = _prompts(a.edits, a.probes)

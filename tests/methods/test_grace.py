@@ -217,7 +217,7 @@ def test_span_replaces_the_target_positions_in_teacher_forcing_and_kv_cached_dec
             assert span == len(tgt) > 1
             module = model.get_submodule(book.module_path)
             seen = []
-            h = module.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+            h = module.register_forward_hook(lambda m, a, o, seen=seen: seen.append(o.detach().clone()))
             try:
                 ids = torch.tensor([prompt + tgt + tgt])  # runs on past the span
                 with torch.no_grad():

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from kedit.memory.codebook import Record
+from kedit.memory.sequence import ForwardContext
 
 __all__ = ["SideMemory", "activation_score", "shard_mask", "ties_merge", "trim"]
 
@@ -103,20 +104,6 @@ def activation_score(acts: torch.Tensor, delta: torch.Tensor, real: torch.Tensor
     return (per_tok * real).sum(dim=-1) / real.sum(dim=-1).clamp_min(1)
 
 
-def _cache_len(kwargs: dict) -> int:
-    """Tokens already in the KV cache of this forward (``past_key_values`` or, in newer transformers, ``cache``)."""
-    pkv = kwargs.get("past_key_values", kwargs.get("cache"))
-    if pkv is not None:
-        if hasattr(pkv, "get_seq_length"):
-            return int(pkv.get_seq_length())
-        try:
-            return int(pkv[0][0].shape[-2])
-        except (TypeError, IndexError, AttributeError):
-            return 0
-    pos = kwargs.get("cache_position")
-    return int(pos[0]) if isinstance(pos, torch.Tensor) and pos.numel() else 0
-
-
 class _Hook:
     """The layer hook (a callable object, so the memory is not captured in a closure)."""
 
@@ -125,20 +112,6 @@ class _Hook:
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         return self.mem.route(args[0], output)
-
-
-class _Context:
-    """Root-model pre-hook and hook: the attention mask and cache length of the forward in flight."""
-
-    def __init__(self, mem: SideMemory) -> None:
-        self.mem = mem
-
-    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        self.mem._ctx = (mask if isinstance(mask, torch.Tensor) else None, _cache_len(kwargs))
-
-    def post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.mem._ctx = None
 
 
 class SideMemory:
@@ -270,9 +243,7 @@ class SideMemory:
         if self.handle is None:
             self.handle = module.register_forward_hook(_Hook(self))
             if root is not None and root is not module:
-                ctx = _Context(self)
-                self._root_handles = [root.register_forward_pre_hook(ctx.pre, with_kwargs=True),
-                                      root.register_forward_hook(ctx.post, always_call=True)]
+                self._root_handles = ForwardContext(self).install(root)
 
     def uninstall(self) -> None:
         if self.handle is not None:
