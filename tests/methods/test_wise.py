@@ -66,7 +66,7 @@ def test_unedited_inputs_go_to_main_memory_bitwise_and_full_revert(gpt2, reqs):
     for t, b in zip(texts, base):
         after = _logits(model, tok, t)
         score, go = float(mem.last_scores[0]), bool(mem.last_route[0])
-        assert go == (score > mem.threshold)
+        assert go == (score > 1.0)  # the best ratio Δ_act_m / ε_m over the memories
         routed.append(go)
         if not go:  # the router sent it to the main memory: bitwise the unedited model's output
             assert torch.equal(after, b), t
@@ -75,7 +75,7 @@ def test_unedited_inputs_go_to_main_memory_bitwise_and_full_revert(gpt2, reqs):
     assert routed[:2] == [False, False]  # generic text goes to the main memory
     # an edited prompt scores above the threshold and is changed
     edited = _logits(model, tok, reqs[0].text)
-    assert float(mem.last_scores[0]) > mem.threshold and not torch.equal(edited, _logits_plain(model, tok, reqs[0]))
+    assert float(mem.last_scores[0]) > 1.0 and not torch.equal(edited, _logits_plain(model, tok, reqs[0]))
     res.revert(model)
     _no_memory(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -85,11 +85,11 @@ def test_unedited_inputs_go_to_main_memory_bitwise_and_full_revert(gpt2, reqs):
 
 def _logits_plain(model, tok, req):
     mem = _side(model)
-    delta, mem.delta = mem.delta, None
+    mem.suspended = True
     try:
         return _logits(model, tok, req.text)
     finally:
-        mem.delta = delta
+        mem.suspended = False
 
 
 def test_remove_middle_edit_restores_it_and_keeps_the_others(gpt2, reqs):
@@ -111,7 +111,9 @@ def test_remove_middle_edit_restores_it_and_keeps_the_others(gpt2, reqs):
         # the memory of the remaining edits is exactly the one they build alone (re-merged from the records)
         alone = SideMemory(_side(model).module_path, _side(model).d_in, _side(model).d_out)
         alone.add([_side(model).records[i] for i in edit_ids(model)])
-        assert torch.equal(alone.delta, _side(model).delta) and alone.threshold == _side(model).threshold
+        assert alone.deltas.keys() == _side(model).deltas.keys()
+        assert all(torch.equal(alone.deltas[m], _side(model).deltas[m]) for m in alone.deltas)
+        assert alone.eps == _side(model).eps
     finally:
         res.revert(model)  # the removed id is skipped
     _no_memory(model)
@@ -152,7 +154,7 @@ def test_bad_input_leaves_memory_unchanged(gpt2, reqs):
     res = kedit.edit(model, tok, reqs[:2], method="wise")
     try:
         ids = edit_ids(model)
-        delta, thr = _side(model).delta.clone(), _side(model).threshold
+        delta, thr = {m: d.clone() for m, d in _side(model).deltas.items()}, dict(_side(model).eps)
         with pytest.raises(UnknownEditError, match="nope"):
             remove_edit(model, "nope")
         with pytest.raises(RequestError, match="non-empty"):
@@ -169,7 +171,7 @@ def test_bad_input_leaves_memory_unchanged(gpt2, reqs):
         with pytest.raises(EditMemoryError, match="foreign"):
             bad.apply(model)
         assert edit_ids(model) == ids
-        assert torch.equal(_side(model).delta, delta) and _side(model).threshold == thr
+        assert all(torch.equal(_side(model).deltas[m], d) for m, d in delta.items()) and _side(model).eps == thr
     finally:
         res.revert(model)
     _no_memory(model)
@@ -212,7 +214,7 @@ def test_edit_is_deterministic_and_shard_stays_on_mask(gpt2, reqs):
     try:
         mem = _side(model)
         mask = shard_mask(u1.info["mask_seed"], mem.d_in * mem.d_out, u1.info["mask_ratio"])
-        flat = mem.delta.reshape(-1)
+        flat = mem.deltas[0].reshape(-1)
         off = torch.ones_like(flat, dtype=torch.bool)
         off[mask] = False
         assert bool((flat[off] == 0).all()) and bool((flat[mask] != 0).any())
@@ -234,3 +236,69 @@ def test_padded_batch_equals_one_at_a_time(gpt2, llama, reqs):
         finally:
             res.revert(model)
         _no_memory(model)
+
+
+def test_memories_fill_to_capacity_a_subject_stays_in_its_memory_and_compute_reads_without_writing(gpt2, reqs):
+    model, tok = gpt2
+    by_subject = {}
+    for r in reqs:
+        by_subject.setdefault(r.subject, r)
+    picked = list(by_subject.values())[:5]
+    assert len(picked) == 5
+    cfg = {"edits_per_memory": 2}
+    res = kedit.edit(model, tok, picked[:4], method="wise", config=cfg)
+    try:
+        mem = _side(model)
+        assert [mem.memory_of(i) for i in edit_ids(model)] == [0, 0, 1, 1]
+        assert [int(mem.records[i].info["shard"]) for i in edit_ids(model)] == [0, 1, 0, 1]
+        snap = ({m: d.clone() for m, d in mem.deltas.items()}, dict(mem.eps), list(mem.records))
+        # a new subject opens memory 2; a new fact about the first subject goes to memory 0 (computed, not applied)
+        again = dict(picked[0].to_dict(), prompt="The favourite colour of {} is", target_new="Rere",
+                     target_true=None, paraphrases=[], neighborhood=[])
+        d = kedit.edit(model, tok, [picked[4], again], method="wise", config=cfg, apply=False,
+                       evaluate=False).deltas[0]
+        assert [u.info["memory"] for u in d.updates] == [2, 0]
+        assert d.updates[1].info["shard"] == 0  # the memory's third edit: round-robin over 2 shards
+        # compute read the live memory and left it (and the model's answers) exactly as they were
+        assert list(mem.records) == snap[2] and mem.eps == snap[1]
+        assert all(torch.equal(mem.deltas[m], x) for m, x in snap[0].items())
+        # each memory is the TIES merge of its shards' summed residuals, computed by hand from the records
+        for m in mem.deltas:
+            ids = [i for i in edit_ids(model) if mem.memory_of(i) == m]
+            shards = []
+            for s in (0, 1):
+                rs = [mem.records[i] for i in ids if int(mem.records[i].info["shard"]) == s]
+                if rs:
+                    idx = shard_mask(rs[0].info["mask_seed"], mem.d_in * mem.d_out, rs[0].info["mask_ratio"])
+                    shards.append((idx, sum(r.value for r in rs)))
+            want = ties_merge(shards, mem.d_in * mem.d_out, float(mem.records[ids[0]].info["density"]))
+            assert torch.allclose(mem.deltas[m].reshape(-1).cpu(), want, atol=0, rtol=0)
+    finally:
+        res.revert(model)
+    _no_memory(model)
+
+
+def test_sequential_edits_are_retained_and_a_re_edit_wins(gpt2, reqs):
+    # one edit at a time, each computed on the live memory (the lifelong protocol's k = 1): the earlier edits keep
+    # their answers; a re-edit of the first fact goes to its memory and the newest target wins
+    model, tok = gpt2
+    picked = reqs[:8]
+    results = []
+    try:
+        for r in picked:
+            results.append(kedit.edit(model, tok, [r], method="wise", evaluate=False))
+        answers = greedy_answers(model, tok, [r.text for r in picked])
+        kept = [answers_match(a, r.target_new) for a, r in zip(answers, picked)]
+        assert sum(kept) >= 7, answers
+        first = picked[0]
+        new_target = picked[5].target_new if picked[5].target_new != first.target_new else picked[6].target_new
+        re = kedit.edit(model, tok, [dict(first.to_dict(), target_new=new_target)], method="wise",
+                        evaluate=False)
+        results.append(re)
+        mem = _side(model)
+        assert re.deltas[0].updates[0].info["memory"] == mem.memory_of(edit_ids(model)[0])
+        assert answers_match(greedy_answers(model, tok, [first.text])[0], new_target)
+    finally:
+        for res in reversed(results):
+            res.revert(model)
+    _no_memory(model)

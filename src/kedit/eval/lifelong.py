@@ -268,15 +268,17 @@ def _probe_generations(model: nn.Module, tok, probes: Sequence[Probe], scoring: 
 
 
 def memory_bytes(model: nn.Module) -> int:
-    """Bytes of a memory method's side memory on ``model``: every record's key and value plus the look-up tensors
-    (keys, values, radii); 0 without a memory."""
+    """Bytes of a memory method's side memory on ``model``: every record's key and value plus the derived tensors
+    (GRACE: keys, values, radii; WISE: shard task vectors and merged memories); 0 without a memory."""
     from kedit.memory import get_memory
 
     total = 0
     for book in get_memory(model).values():
         for rec in book.records.values():
             total += rec.key.nbytes + rec.value.nbytes
-        for t in (book.keys, book.values, book.radii):
+        derived = [getattr(book, n, None) for n in ("keys", "values", "radii")]  # GRACE's look-up tensors
+        derived += [*getattr(book, "tau", {}).values(), *getattr(book, "deltas", {}).values()]  # WISE's
+        for t in derived:
             if t is not None:
                 total += t.nbytes
     return total

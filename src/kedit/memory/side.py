@@ -1,37 +1,48 @@
-"""WISE's side memory at one layer (Wang et al., "WISE: Rethinking the Knowledge Memory for Lifelong Model Editing of
-Large Language Models", NeurIPS 2024).
+"""WISE's side memories at one layer (Wang et al., "WISE: Rethinking the Knowledge Memory for Lifelong Model Editing
+of Large Language Models", NeurIPS 2024).
 
 The *main memory* is the model's own MLP output projection ``W`` (kedit.arch slot ``mlp_out``, math orientation
-``[d_out, d_in]``), never changed. The *side memory* is a copy ``W' = W + ΔW`` of it, applied through a forward
-hook: a row routed to the side memory gets ``y + A ΔWᵀ`` (``A`` = the projection's input, the FFN's intermediate
-activation; ``y = A Wᵀ`` the module's own output); a row routed to the main memory gets the module's output
-tensor, untouched (bitwise the unedited model).
+``[d_out, d_in]``), never changed. A *side memory* ``m`` is a copy ``W + ΔW_m`` of it, applied through a forward
+hook: a row routed to side memory ``m`` gets ``y + A ΔW_mᵀ`` (``A`` = the projection's input, the FFN's
+intermediate activation; ``y = A Wᵀ`` the module's own output); a row routed to the main memory gets the module's
+output tensor, untouched (bitwise the unedited model).
+
+Side memories and shards
+------------------------
+Edits fill side memory ``m`` up to a capacity (``WISEConfig.edits_per_memory``); then a new side memory opens (the
+paper's WISE-Retrieve). An edit whose subject already has an edit in a memory goes to that memory (a re-edit
+is trained where its old value lives). Inside a memory the edits are dealt round-robin to ``n_shards`` *knowledge
+shards*, each with its own random mask ``M_{m,s}`` (seeded by the config seed, ``m`` and ``s``). An edit's record
+holds its *residual*: the entries of ``M_{m,s}`` it added, trained on top of the live memory. A shard's task vector
+is the sum of its residuals, ``τ_{m,s} = Σ_i r_i`` (in edit order), and ``ΔW_m = TIES(τ_{m,1} … τ_{m,S})``
+(:func:`ties_dense`). The edit is trained *through* that merge, so the memory right after an edit is exactly the
+one its loss saw.
 
 Router
 ------
-The activation score of a row is ``Δ_act(x) = mean_t ‖a_t ΔWᵀ‖₂`` over the row's real tokens (the attention mask
-excludes padding, so a row scores the same alone or in a padded batch). A row goes to the side memory iff
-``Δ_act(x) > ε`` with ``ε = min_i act_ratio_i · Δ_act(x_i)`` over the live edits' own inputs ``x_i`` (their
-stored activations, re-scored under the current, merged ``ΔW``). The decision is made when a sequence starts (no
-KV cache yet: a prefill or a teacher-forced forward) and kept for its KV-cached decode steps, so a generated
-continuation is produced by the memory its prompt chose. A forward pre-hook on the root model reads the attention
-mask and the cache length for this (greedy decoding and padded batches; beam search reordering rows is not
-supported).
+``Δ_act_m(x) = mean_t ‖a_t ΔW_mᵀ‖₂`` over the row's real tokens (the attention mask excludes padding, so a row
+scores the same alone or in a padded batch). ``ε_m = act_ratio · min_i min(Δ_act_m(p_i), Δ_act_m(p_i ⊕ t_i))`` over
+the edits ``i`` of memory ``m`` (their stored activations, re-scored under the current ``ΔW_m``). A row is
+retrieved by the memory with the highest score ``m* = argmax_m Δ_act_m(x)`` (the paper's WISE-Retrieve) and goes to
+it if ``Δ_act_m*(x) > ε_m*``, else to the main memory. The decision is made
+when a sequence starts (no KV cache yet: a prefill or a teacher-forced forward) and kept for its KV-cached decode
+steps; a forward pre-hook on the root model reads the attention mask and the cache length for this (greedy decoding
+and padded batches; beam search reordering rows is not supported).
 
 State
 -----
-One :class:`~kedit.memory.codebook.Record` per edit (its *knowledge shard*): ``value`` holds the shard's trained
-entries of ``ΔW`` on its random mask (``round(mask_ratio · d_out · d_in)`` flat indices, regenerated from
-``info["mask_seed"]`` by :func:`shard_mask`); ``key`` the edit's activations ``A(x)`` at its teacher-forced
-prompt ⊕ target tokens (``info["n_tokens"]`` rows, the first ``info["n_prompt"]`` of them the prompt's), used to
-set ``ε``. ``ΔW`` is the TIES merge (:func:`ties_merge`) of the live shards, recomputed from the records after every
-add or removal -- so removing an edit gives exactly the memory of the remaining edits alone.
+One :class:`~kedit.memory.codebook.Record` per edit: ``value`` = its residual on ``M_{m,s}``
+(``round(mask_ratio · d_out · d_in)`` flat indices, regenerated from ``info["mask_seed"]`` by :func:`shard_mask`);
+``key`` = the edit's activations ``A(x)`` at its teacher-forced prompt ⊕ target tokens (``info["n_tokens"]`` rows,
+the first ``info["n_prompt"]`` the prompt's; ``info["tokens"]`` their ids, for replay when later edits of the same
+memory are trained). Everything derived (``τ``, ``ΔW_m``, ``ε_m``) is recomputed from the records of the memories
+an add or a removal touches, so a memory is a function of its records.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -40,10 +51,10 @@ from torch import nn
 from kedit.memory.codebook import Record
 from kedit.memory.sequence import ForwardContext
 
-__all__ = ["SideMemory", "activation_score", "shard_mask", "ties_merge", "trim"]
+__all__ = ["MemoryState", "SideMemory", "activation_score", "shard_mask", "ties_dense", "ties_merge", "trim"]
 
 #: the ``info`` entries a WISE record carries beside the common ones
-WISE_INFO = ("mask_seed", "mask_ratio", "n_tokens", "n_prompt", "act_ratio", "density")
+WISE_INFO = ("mask_seed", "mask_ratio", "n_tokens", "n_prompt", "act_ratio", "density", "memory", "shard", "tokens")
 
 
 def shard_mask(seed: int, numel: int, ratio: float) -> torch.Tensor:
@@ -68,30 +79,41 @@ def trim(values: torch.Tensor, density: float) -> torch.Tensor:
     return out
 
 
+def ties_dense(tau: torch.Tensor, density: float = 1.0, sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """TIES-Merging (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023) of the
+    rows of ``tau [S, n]``: *trim* each row to the entries at least as large in magnitude as its
+    ``ceil(density · sizes[s])``-th largest (``sizes`` = the number of entries the row may hold, its mask size;
+    default ``n``; ties at that magnitude are kept, so a row of zeros keeps everything and an edit trained through
+    the merge starting from zero gets a gradient on its whole mask), *elect* the sign ``γ = sign(Σ_s τ̂_s)`` per
+    entry, *disjoint merge*: the mean of the non-zero ``τ̂_s`` whose sign is ``γ``. One row is returned as it is."""
+    if tau.ndim != 2 or tau.shape[0] < 1:
+        raise ValueError(f"ties_dense needs [S ≥ 1, n] task vectors, got {tuple(tau.shape)}")
+    if tau.shape[0] == 1:
+        return tau[0]
+    if density < 1.0:
+        mag = tau.detach().abs()
+        thr = torch.stack([torch.topk(mag[s], max(1, math.ceil(density * (sizes[s] if sizes is not None
+                                                                         else tau.shape[1]))), sorted=False)
+                           .values.min() for s in range(tau.shape[0])])
+        tau = torch.where(mag >= thr.unsqueeze(1), tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+    with torch.no_grad():
+        sign = torch.sign(tau.sum(0))
+        agree = (tau != 0) & (torch.sign(tau) == sign)
+        count = agree.sum(0)
+    merged = torch.where(agree, tau, torch.zeros((), dtype=tau.dtype, device=tau.device)).sum(0)
+    return torch.where(count > 0, merged / count.clamp_min(1), torch.zeros((), dtype=tau.dtype, device=tau.device))
+
+
 def ties_merge(shards: Sequence[tuple[torch.Tensor, torch.Tensor]], numel: int, density: float = 1.0) -> torch.Tensor:
-    """Merge sparse task vectors ``(flat indices, values)`` into one flat ``[numel]`` vector with TIES-Merging
-    (Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023): *trim* each to its
-    top-``density`` magnitudes, *elect* the sign ``γ = sign(Σ_t τ̂_t)`` per entry, *disjoint merge*: the mean of the
-    non-zero ``τ̂_t`` whose sign is ``γ``. One shard is returned as it is (nothing to resolve). CPU, in the values'
-    dtype, summed in shard order (deterministic)."""
+    """:func:`ties_dense` of sparse task vectors ``(flat indices, values)`` over ``numel`` entries (each trimmed
+    relative to its own number of entries). CPU, in the values' dtype."""
     if not shards:
         raise ValueError("ties_merge needs at least one shard")
     dtype = shards[0][1].dtype
-    if len(shards) == 1:
-        idx, val = shards[0]
-        return torch.zeros(numel, dtype=dtype).index_put_((idx.cpu(),), val.cpu())
-    trimmed = [(i.cpu(), trim(v.cpu(), density)) for i, v in shards]
-    total = torch.zeros(numel, dtype=dtype)
-    for i, v in trimmed:
-        total.index_add_(0, i, v)
-    sign = torch.sign(total)
-    agree = torch.zeros(numel, dtype=dtype)
-    count = torch.zeros(numel, dtype=dtype)
-    for i, v in trimmed:
-        ok = (v != 0) & (torch.sign(v) == sign[i])
-        agree.index_add_(0, i[ok], v[ok])
-        count.index_add_(0, i[ok], torch.ones(int(ok.sum()), dtype=dtype))
-    return torch.where(count > 0, agree / count.clamp_min(1), torch.zeros((), dtype=dtype))
+    tau = torch.zeros(len(shards), numel, dtype=dtype)
+    for s, (i, v) in enumerate(shards):
+        tau[s].index_put_((i.cpu(),), v.cpu())
+    return ties_dense(tau, density, [int(i.numel()) for i, _ in shards])
 
 
 def activation_score(acts: torch.Tensor, delta: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,37 +126,22 @@ def activation_score(acts: torch.Tensor, delta: torch.Tensor, real: torch.Tensor
     return (per_tok * real).sum(dim=-1) / real.sum(dim=-1).clamp_min(1)
 
 
-class _Hook:
-    """The layer hook (a callable object, so the memory is not captured in a closure)."""
-
-    def __init__(self, mem: SideMemory) -> None:
-        self.mem = mem
-
-    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        return self.mem.route(args[0], output)
-
-
-class SideMemory:
-    """WISE's side memory on one module: the per-edit shards, their TIES merge ``ΔW`` and the router threshold
-    (see the module docstring). Duck-types :class:`~kedit.memory.codebook.Codebook`'s state interface, so
-    :mod:`kedit.memory` adds, removes, snapshots, saves and loads it the same way."""
-
-    kind = "wise"
+class MemoryState:
+    """The records of WISE's side memories on one ``d_in → d_out`` module and what they determine: per memory the
+    shard task vectors ``τ`` ``[S, d_out·d_in]``, ``ΔW_m`` ``[d_out, d_in]`` and ``ε_m`` (see the module
+    docstring). No hooks: :meth:`copy` gives a planning copy that an edit's computation extends without touching
+    the model."""
 
     def __init__(self, module_path: str, d_in: int, d_out: int) -> None:
         self.module_path = module_path
         self.d_in, self.d_out = d_in, d_out
         self.records: dict[str, Record] = {}
-        self.delta: torch.Tensor | None = None  # [d_out, d_in], compute dtype, on the layer's device
-        self.threshold: float = math.inf
-        self.handle: Any = None
-        self._root_handles: list[Any] = []
-        self._masks: dict[str, torch.Tensor] = {}
-        self._ctx: tuple[torch.Tensor | None, int] | None = None
-        self._route: torch.Tensor | None = None
-        #: per-row scores and decisions of the last sequence start (for inspection and tests)
-        self.last_scores: torch.Tensor | None = None
-        self.last_route: torch.Tensor | None = None
+        self.members: dict[int, list[str]] = {}  # memory -> its edit ids, in edit order
+        self.tau: dict[int, torch.Tensor] = {}
+        self.deltas: dict[int, torch.Tensor] = {}
+        self.eps: dict[int, float] = {}
+        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._stack: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
 
     # -- records ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -147,7 +154,8 @@ class SideMemory:
         n_tok, n_prompt = int(info["n_tokens"]), int(info["n_prompt"])
         m = shard_mask(0, d_in * d_out, float(info["mask_ratio"])).numel()
         if (r.key.ndim != 1 or r.key.numel() != n_tok * d_in or not 0 < n_prompt <= n_tok
-                or r.value.ndim != 1 or r.value.numel() != m):
+                or r.value.ndim != 1 or r.value.numel() != m or len(info["tokens"]) != n_tok + 1
+                or int(info["memory"]) < 0 or int(info["shard"]) < 0):
             raise ValueError(
                 f"edit {r.edit_id!r}: activations {tuple(r.key.shape)} / shard {tuple(r.value.shape)} do not fit "
                 f"{path!r} (input {d_in}, output {d_out}, {n_tok} token(s), mask of {m}): made for another model")
@@ -155,87 +163,215 @@ class SideMemory:
     def __len__(self) -> int:
         return len(self.records)
 
+    def copy(self) -> MemoryState:
+        """A planning copy: the same records and derived tensors (shared, never modified in place), own dicts."""
+        c = MemoryState(self.module_path, self.d_in, self.d_out)
+        c.records = dict(self.records)
+        c.members = {m: list(v) for m, v in self.members.items()}
+        c.tau, c.deltas, c.eps = dict(self.tau), dict(self.deltas), dict(self.eps)
+        c._masks = dict(self._masks)
+        return c
+
     def snapshot(self) -> tuple:
         return (dict(self.records),)
 
     def restore(self, snap: tuple) -> None:
         self.records = dict(snap[0])
-        self._materialise()
+        self.members = {}
+        for i, r in self.records.items():
+            self.members.setdefault(int(r.info["memory"]), []).append(i)
+        self._materialise(set(self.members) | set(self.deltas))
 
     def add(self, records: Sequence[Record]) -> None:
+        touched = set()
         for r in records:
+            m = int(r.info["memory"])
             self.records[r.edit_id] = r
-        self._materialise()
+            self.members.setdefault(m, []).append(r.edit_id)
+            touched.add(m)
+        self._materialise(touched)
 
     def remove(self, ids: Sequence[str]) -> None:
+        touched = set()
         for i in ids:
-            del self.records[i]
-            self._masks.pop(i, None)
-        self._materialise()
+            m = int(self.records.pop(i).info["memory"])
+            self.members[m].remove(i)
+            touched.add(m)
+        self._materialise(touched)
 
-    def mask_of(self, r: Record) -> torch.Tensor:
-        if r.edit_id not in self._masks:
-            info = r.info or {}
-            self._masks[r.edit_id] = shard_mask(int(info["mask_seed"]), self.d_in * self.d_out,
-                                                float(info["mask_ratio"]))
-        return self._masks[r.edit_id]
+    def memory_of(self, edit_id: str) -> int:
+        return int(self.records[edit_id].info["memory"])
 
-    def _materialise(self) -> None:
-        recs = list(self.records.values())
-        if not recs:
-            self.delta, self.threshold, self._route = None, math.inf, None
-            return
-        first = recs[0]
-        density = float((first.info or {})["density"])
-        flat = ties_merge([(self.mask_of(r), r.value) for r in recs], self.d_in * self.d_out, density)
-        self.delta = flat.view(self.d_out, self.d_in).to(first.value.device)
-        thr = math.inf
-        for r in recs:
-            info = r.info or {}
-            acts = r.key.view(int(info["n_tokens"]), self.d_in)
-            s_full = float(activation_score(acts, self.delta))
-            s_prompt = float(activation_score(acts[: int(info["n_prompt"])], self.delta))
-            thr = min(thr, float(info["act_ratio"]) * min(s_full, s_prompt))
-        self.threshold = thr
+    def mask(self, m: int, s: int, seed: int, ratio: float) -> torch.Tensor:
+        """The mask of shard ``s`` of memory ``m`` (the one its records were trained on, else a new one from
+        ``seed`` and ``ratio``), on the CPU."""
+        if (m, s) not in self._masks:
+            for i in self.members.get(m, []):
+                info = self.records[i].info
+                if int(info["shard"]) == s:
+                    seed, ratio = int(info["mask_seed"]), float(info["mask_ratio"])
+                    break
+            return shard_mask(seed, self.d_in * self.d_out, ratio)
+        return self._masks[(m, s)]
 
-    def scores(self, acts: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-        """Router scores of ``acts [B, T, d_in]`` (the module's inputs) under the current ``ΔW``."""
-        if self.delta is None:
-            return torch.zeros(acts.shape[0])
-        a = acts.to(device=self.delta.device, dtype=self.delta.dtype)
-        return activation_score(a, self.delta, None if real is None else real.to(self.delta.device))
+    def shard_tau(self, m: int, n_rows: int = 0) -> tuple[torch.Tensor | None, list[int], float]:
+        """``(τ [S, d_out·d_in] or None, mask sizes, density)`` of memory ``m``, with at least ``n_rows`` rows
+        (zero rows for shards without records)."""
+        ids = self.members.get(m, [])
+        if not ids and not n_rows:
+            return None, [], 1.0
+        recs = [self.records[i] for i in ids]
+        rows = max([int(r.info["shard"]) + 1 for r in recs] + [n_rows])
+        first = recs[0] if recs else None
+        dev = first.value.device if first is not None else torch.device("cpu")
+        dt = first.value.dtype if first is not None else torch.float32
+        if m in self.tau and self.tau[m].shape[0] >= rows:
+            tau = self.tau[m]
+        else:
+            tau = torch.zeros(rows, self.d_in * self.d_out, dtype=dt, device=dev)
+            for r in recs:
+                s = int(r.info["shard"])
+                key = (m, s)
+                if key not in self._masks:
+                    self._masks[key] = shard_mask(int(r.info["mask_seed"]), self.d_in * self.d_out,
+                                                  float(r.info["mask_ratio"]))
+                tau[s].index_add_(0, self._masks[key].to(dev), r.value)
+        sizes = []
+        for s in range(tau.shape[0]):
+            mk = self._masks.get((m, s))
+            sizes.append(int(mk.numel()) if mk is not None else self.d_in * self.d_out)
+        density = float(first.info["density"]) if first is not None else 1.0
+        return tau, sizes, density
+
+    def _materialise(self, touched: Iterable[int]) -> None:
+        for m in touched:
+            self.tau.pop(m, None)
+            ids = self.members.get(m, [])
+            if not ids:
+                self.members.pop(m, None)
+                self.deltas.pop(m, None)
+                self.eps.pop(m, None)
+                continue
+            tau, sizes, density = self.shard_tau(m)
+            self.tau[m] = tau
+            delta = ties_dense(tau, density, sizes).view(self.d_out, self.d_in)
+            self.deltas[m] = delta
+            self.eps[m] = min(self.edit_score(self.records[i], delta) for i in ids)
+        self._stack = None
+
+    def edit_score(self, r: Record, delta: torch.Tensor) -> float:
+        """``act_ratio · min(Δ_act(prompt), Δ_act(prompt ⊕ target))`` of an edit's stored activations."""
+        info = r.info
+        acts = r.key.view(int(info["n_tokens"]), self.d_in)
+        s_full = float(activation_score(acts, delta))
+        s_prompt = float(activation_score(acts[: int(info["n_prompt"])], delta))
+        return float(info["act_ratio"]) * min(s_full, s_prompt)
+
+    def stack(self) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+        """``(memory ids, ΔW [M, d_out, d_in], ε [M])`` of the live memories, or ``None`` without any."""
+        if self._stack is None and self.deltas:
+            order = sorted(self.deltas)
+            d = torch.stack([self.deltas[m] for m in order])
+            eps = torch.tensor([self.eps[m] for m in order], dtype=d.dtype, device=d.device)
+            self._stack = (order, d, eps)
+        return self._stack
+
+    def ratios(self, acts: torch.Tensor, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ratio [B], memory id [B])`` of ``acts [B, T, d_in]``: the memory ``m* = argmax_m Δ_act_m`` and its
+        ``Δ_act_m* / ε_m*``; ids are ``-1`` without memories."""
+        st = self.stack()
+        if st is None:
+            return torch.zeros(acts.shape[0]), torch.full((acts.shape[0],), -1, dtype=torch.long)
+        order, d, eps = st
+        a = acts.to(device=d.device, dtype=d.dtype)
+        per_tok = torch.linalg.vector_norm(torch.einsum("btk,mok->btmo", a, d), dim=-1)  # [B, T, M]
+        if real is None:
+            score = per_tok.mean(dim=1)
+        else:
+            r = real.to(device=per_tok.device, dtype=per_tok.dtype).unsqueeze(-1)
+            score = (per_tok * r).sum(dim=1) / r.sum(dim=1).clamp_min(1)
+        where = score.argmax(dim=1)  # the memory whose activation score is highest (the paper's retrieval) ...
+        best = (score / eps).gather(1, where.unsqueeze(1)).squeeze(1)  # ... answers if above its own threshold
+        ids = torch.tensor(order, device=where.device)[where]
+        return best, ids
+
+    def raw_scores(self, acts: torch.Tensor, exclude: int | None = None) -> torch.Tensor:
+        """``Δ_act_m(acts)`` of one sequence ``acts [T, d_in]`` under every live memory but ``exclude`` (``[M']``)."""
+        st = self.stack()
+        if st is None:
+            return torch.zeros(0)
+        order, d, _ = st
+        keep = [j for j, m in enumerate(order) if m != exclude]
+        if not keep:
+            return torch.zeros(0, dtype=d.dtype, device=d.device)
+        a = acts.to(device=d.device, dtype=d.dtype)
+        return torch.linalg.vector_norm(torch.einsum("tk,mok->mto", a, d[keep]), dim=-1).mean(dim=1)
+
+
+class _Hook:
+    """The layer hook (a callable object, so the memory is not captured in a closure)."""
+
+    def __init__(self, mem: SideMemory) -> None:
+        self.mem = mem
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return self.mem.route(args[0], output)
+
+
+class SideMemory(MemoryState):
+    """WISE's side memories on one module, installed: the layer hook routes each sequence (see the module
+    docstring). Duck-types :class:`~kedit.memory.codebook.Codebook`'s state interface, so :mod:`kedit.memory`
+    adds, removes, snapshots, saves and loads it the same way."""
+
+    kind = "wise"
+
+    def __init__(self, module_path: str, d_in: int, d_out: int) -> None:
+        super().__init__(module_path, d_in, d_out)
+        self.handle: Any = None
+        self.suspended = False
+        self._root_handles: list[Any] = []
+        self._ctx: tuple[torch.Tensor | None, int] | None = None
+        self._route: torch.Tensor | None = None  # per row of the sequence in flight: memory id or -1
+        #: per-row best ratio ``Δ_act_m / ε_m``, chosen memory (-1: main) and decision of the last sequence start
+        self.last_scores: torch.Tensor | None = None
+        self.last_memory: torch.Tensor | None = None
+        self.last_route: torch.Tensor | None = None
+
+    def _materialise(self, touched: Iterable[int]) -> None:
+        super()._materialise(touched)
+        self._route = None
 
     # -- routing ------------------------------------------------------------------------------------------------
     def route(self, x: torch.Tensor, output: Any) -> Any:
-        if self.delta is None or not isinstance(output, torch.Tensor) or x.ndim < 2:
+        st = self.stack()
+        if st is None or self.suspended or not isinstance(output, torch.Tensor) or x.ndim < 2:
             return None
+        order, d, _ = st
         x3 = x if x.ndim == 3 else x.unsqueeze(0)
         b, t = x3.shape[0], x3.shape[1]
         mask, past = self._ctx if self._ctx is not None else (None, 0)
-        real = None
-        if mask is not None and mask.ndim == 2 and mask.shape[0] == b and mask.shape[1] >= t:
-            real = mask[:, -t:]
-        a = x3.to(device=self.delta.device, dtype=self.delta.dtype)
-        side = a @ self.delta.T
         if past > 0 and self._route is not None and self._route.numel() == b:
-            go = self._route
+            chosen = self._route
         else:
-            per_tok = torch.linalg.vector_norm(side, dim=-1)
-            if real is None:
-                score = per_tok.mean(dim=-1)
-            else:
-                r = real.to(device=per_tok.device, dtype=per_tok.dtype)
-                score = (per_tok * r).sum(dim=-1) / r.sum(dim=-1).clamp_min(1)
-            go = score > self.threshold
-            self.last_scores, self.last_route = score.detach(), go
+            real = None
+            if mask is not None and mask.ndim == 2 and mask.shape[0] == b and mask.shape[1] >= t:
+                real = mask[:, -t:]
+            best, ids = self.ratios(x3, real)
+            chosen = torch.where(best > 1.0, ids, torch.full_like(ids, -1))
+            self.last_scores, self.last_memory, self.last_route = best.detach(), chosen, chosen >= 0
             if past == 0:
-                self._route = go
+                self._route = chosen
+        go = chosen >= 0
         if not bool(go.any()):
             return None  # the main memory: the module's own output, untouched
+        pos = {m: j for j, m in enumerate(order)}
+        sel = torch.tensor([pos.get(int(m), 0) for m in chosen[go].tolist()], device=d.device)
+        a = x3[go.to(x3.device)].to(device=d.device, dtype=d.dtype)
+        side = torch.einsum("btk,bok->bto", a, d[sel])
         out3 = output if output.ndim == 3 else output.unsqueeze(0)
         new = out3.clone()
         rows = go.to(new.device)
-        new[rows] = (out3[rows].to(side.dtype) + side[go].to(new.device)).to(new.dtype)
+        new[rows] = (out3[rows].to(side.dtype) + side.to(new.device)).to(new.dtype)
         return new.view_as(output)
 
     # -- installation -------------------------------------------------------------------------------------------

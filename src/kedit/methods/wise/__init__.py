@@ -1,25 +1,35 @@
-"""WISE: a side memory (a copy of one FFN output projection) behind an activation-score router; the weights are never
-changed.
+"""WISE: side memories (copies of one FFN output projection) behind an activation-score router; the weights are
+never changed.
 
 Wang, Li, Yao, Zhang, Xi, Zhang, Chen, Chen, "WISE: Rethinking the Knowledge Memory for Lifelong Model Editing of
 Large Language Models", NeurIPS 2024. Knowledge shards are merged with TIES-Merging (Yadav et al., NeurIPS 2023).
 
-For each request (one after another; the memory, its router and the merge are in :mod:`kedit.memory.side`):
+For each request, one after another, *on the live memory* (the memory, its shards, merge and router are in
+:mod:`kedit.memory.side`; ``compute`` plans on a copy of it and never changes the model):
 
-* the side memory starts as a copy of the MLP output projection ``W`` of layer ``l`` (kedit.arch slot
-  ``mlp_out``); the request's *knowledge shard* may change only the entries of a random mask of ratio
-  ``mask_ratio`` (seeded by ``seed`` and the request's text, kept in the record): ``W' = W + M ⊙ ΔW``;
-* the shard is trained with Adam (``lr``, at most ``steps``) on the teacher-forced target NLL with the side memory
-  on every position, plus the routing margins ``L_a = mean max(0, Δ_act(x_irr) − α) + max(0, β − Δ_act(x_e))
-  + mean max(0, γ − (Δ_act(x_e) − Δ_act(x_irr)))`` where ``Δ_act(x) = mean_t ‖a_t (W' − W)ᵀ‖`` (``a_t`` the
-  projection's input), ``x_e`` the edit's prompt (and prompt ⊕ target; the smaller score counts) and ``x_irr``
-  ``n_irrelevant`` texts of the editing corpus (``EditContext.texts_for``: the testbed corpus for testbed models);
-* training stops once the NLL is below ``early_stop_loss`` and every margin holds.
+* **where it goes**: the side memory of an earlier edit of the same subject (a re-edit is trained where the old
+  value lives), else the newest memory while it holds fewer than
+  ``edits_per_memory`` edits, else a new memory (the paper's WISE-Retrieve); inside the memory, shard
+  ``(edits in it) mod n_shards``, whose random mask of ratio ``mask_ratio`` is seeded by ``seed``, the memory and
+  the shard;
+* **what is trained**: the edit's residual ``r`` on that mask, with Adam (``lr``, at most ``steps``), *through the
+  TIES merge*: the side memory in the loss is exactly ``ΔW_m = TIES(τ_1 … τ_s + r … τ_S)``, applied on every
+  position (the merge's selections are piecewise constant; its gradient is taken straight through, ``∂ΔW/∂r =
+  1 / (rows that can hold the entry)``);
+* **the loss** (the paper's, plus memory-local replay): the teacher-forced target NLL, plus ``replay_weight`` times
+  the NLL of up to ``replay`` earlier edits of the same memory (so a later edit does not overwrite them; an
+  earlier edit of the same prompt is superseded, not replayed), plus the routing margins
+  ``L_a = mean max(0, Δ_act(x_irr) − α) + max(0, β − Δ_act(x_e)) + mean max(0, γ − (Δ_act(x_e) − Δ_act(x_irr)))
+  + mean max(0, β − Δ_act(x_old)) + Σ_{x ∈ {p, p ⊕ t}} max(0, max_{m' ≠ m} Δ_act_m'(x) + γ − Δ_act(x))`` (the last:
+  retrieval picks the highest-scoring memory, so the edit's must outscore the others on its own prompt) with ``Δ_act(x) = mean_t ‖a_t ΔW_mᵀ‖`` (``a_t`` the projection's input),
+  ``x_e`` the edit's prompt (and prompt ⊕ target; the smaller score counts), ``x_old`` the replayed edits and
+  ``x_irr`` = ``n_irrelevant`` texts of the editing corpus (``EditContext.texts_for``) and the prompts of up to
+  ``n_cross`` edits of *other* memories (so each memory answers for its own subjects);
+* training stops once every NLL is below ``early_stop_loss`` and every margin holds.
 
 The result is an :class:`~kedit.deltas.EditDelta` of :class:`~kedit.deltas.MemoryEntryUpdate` entries, one per
-request (key: the edit's activations, value: its shard's masked entries), each with a fresh edit id; applying it
-adds the shards to the model's side memory (merged there with TIES; the threshold ``ε`` follows), reverting removes
-them. ``compute`` does not read the memory: every shard is trained against the unedited layer.
+request (key: the edit's activations, value: its residual), each with a fresh edit id; applying it adds the
+residuals to the model's side memory (re-merged there, the memory's threshold follows), reverting removes them.
 """
 
 from __future__ import annotations
@@ -40,8 +50,9 @@ from kedit.core.context import EditContext
 from kedit.core.keys import target_ids
 from kedit.deltas import EditDelta, MemoryEntryUpdate
 from kedit.deltas.ledger import compute_dtype
-from kedit.memory import memory_layer
-from kedit.memory.side import activation_score, shard_mask
+from kedit.memory import get_memory, memory_layer
+from kedit.memory.codebook import Record
+from kedit.memory.side import MemoryState, SideMemory, activation_score, ties_dense
 from kedit.methods.ft.objective import keep_grad_flags
 from kedit.methods.presets import preset_for
 from kedit.methods.registry import register_method
@@ -60,19 +71,24 @@ class WISEConfig:
     """WISE hyper-parameters (the reference's names in parentheses).
 
     Attributes:
-        layer: the layer whose ``mlp_out`` projection gets the side memory; ``None``: ``round(layer_fraction ·
+        layer: the layer whose ``mlp_out`` projection gets the side memories; ``None``: ``round(layer_fraction ·
             (L − 1))`` (``inner_params``).
-        layer_fraction: where ``layer=None`` puts the side memory, as a fraction of the depth.
+        layer_fraction: where ``layer=None`` puts the side memories, as a fraction of the depth.
         mask_ratio: fraction ρ of the projection's entries a shard may change (``mask_ratio``).
-        lr: Adam learning rate of the shard's entries (``edit_lr``).
+        lr: Adam learning rate of the residual's entries (``edit_lr``).
         steps: at most this many Adam steps per edit (``n_iter``).
         alpha, beta, gamma: the routing margins α (irrelevant scores below), β (edit score above), γ (their gap).
-        act_ratio: the threshold is ``act_ratio ·`` the smallest live edit's score (``act_ratio``).
-        density: TIES trim density (fraction of each shard's entries kept when shards are merged).
+        act_ratio: a memory's threshold is ``act_ratio ·`` the smallest score of its edits (``act_ratio``).
+        density: TIES trim density (fraction of each shard's entries kept when the shards are merged).
+        edits_per_memory: a side memory takes this many edits, then a new one opens (``save_freq``).
+        n_shards: knowledge shards (random masks) per side memory, merged with TIES (``merge_freq`` analogue).
+        replay: earlier edits of the same memory whose NLL is kept in the loss (0: none, the paper's setting).
+        replay_weight: weight of their NLL.
+        n_cross: prompts of edits in other memories used as irrelevant inputs of the margins.
         n_irrelevant: irrelevant texts per edit for the margins (drawn from the editing corpus).
         irrelevant_tokens: each irrelevant text is cut to this many tokens.
-        early_stop_loss: stop once the mean target NLL is below this and every margin holds.
-        seed: seed of the random masks and the irrelevant-text draw (combined with the request's text).
+        early_stop_loss: stop once every NLL is below this and every margin holds.
+        seed: seed of the random masks and of the irrelevant / replay draws (combined with the request's text).
     """
 
     layer: int | None = None
@@ -85,6 +101,11 @@ class WISEConfig:
     gamma: float = 10.0
     act_ratio: float = 0.88
     density: float = 0.8
+    edits_per_memory: int = 50
+    n_shards: int = 2
+    replay: int = 4
+    replay_weight: float = 1.0
+    n_cross: int = 64
     n_irrelevant: int = 8
     irrelevant_tokens: int = 32
     early_stop_loss: float = 0.05
@@ -103,6 +124,10 @@ class WISEConfig:
             raise ValueError(f"wise: act_ratio must be in (0, 1], got {self.act_ratio}")
         if self.n_irrelevant < 1 or self.irrelevant_tokens < 1:
             raise ValueError("wise: n_irrelevant and irrelevant_tokens must be ≥ 1")
+        if self.edits_per_memory < 1 or self.n_shards < 1:
+            raise ValueError("wise: edits_per_memory and n_shards must be ≥ 1")
+        if self.replay < 0 or self.n_cross < 0 or self.replay_weight < 0:
+            raise ValueError("wise: replay, replay_weight and n_cross must be ≥ 0")
         if not 0.0 <= self.layer_fraction <= 1.0:
             raise ValueError(f"wise: layer_fraction must be in [0, 1], got {self.layer_fraction}")
 
@@ -130,8 +155,21 @@ def _side(module: nn.Module, delta_fn=None, store: list | None = None):
         handle.remove()
 
 
-def _seed(cfg: WISEConfig, req: EditRequest) -> int:
-    h = hashlib.sha256(f"{cfg.seed}\x00{req.text}\x00{req.target_new}".encode()).digest()
+@contextmanager
+def _suspended(mem: SideMemory | None):
+    """The live side memory is off while an edit is trained (the trained memory is applied by ``_side``)."""
+    if mem is None:
+        yield
+        return
+    was, mem.suspended = mem.suspended, True
+    try:
+        yield
+    finally:
+        mem.suspended = was
+
+
+def _hash(*parts) -> int:
+    h = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:7], "big")
 
 
@@ -161,34 +199,104 @@ def _acts(model: nn.Module, module: nn.Module, ids: list[int], cdt: torch.dtype)
     return store[0][0].to(cdt)
 
 
-def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, ctx: EditContext, label: str):
+def _choose(state: MemoryState, req: EditRequest, cfg: WISEConfig) -> int:
+    """The side memory an edit goes to (see the module docstring)."""
+    for i in reversed(list(state.records)):
+        if state.records[i].info.get("subject") == req.subject:
+            return state.memory_of(i)
+    if not state.members:
+        return 0
+    newest = max(state.members)
+    return newest if len(state.members[newest]) < cfg.edits_per_memory else newest + 1
+
+
+def _sample(ids: list[str], n: int, seed: int) -> list[str]:
+    if len(ids) <= n:
+        return list(ids)
+    g = torch.Generator().manual_seed(seed)
+    return [ids[j] for j in sorted(torch.randperm(len(ids), generator=g)[:n].tolist())]
+
+
+def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, ctx: EditContext,
+              state: MemoryState, label: str):
     device = device_of(model)
     prompt = tok(req.text, add_special_tokens=True)["input_ids"]
     if not prompt:
         raise ValueError(f"{label}: prompt {req.text!r} tokenizes to nothing")
     tgt = target_ids(tok, req.target_new)
-    seed = _seed(cfg, req)
+    seed = _hash(cfg.seed, req.text, req.target_new)
     cdt = compute_dtype(module.weight.dtype)
     d_out, d_in = math_weight(module).shape
-    idx = shard_mask(seed, d_out * d_in, cfg.mask_ratio).to(device)
     ids = prompt + tgt[:-1]
     a_full = _acts(model, module, ids, cdt)  # the layer's input does not depend on its own output: fixed
     a_prompt = a_full[: len(prompt)]
+
+    m = _choose(state, req, cfg)
+    members = state.members.get(m, [])
+    s = len(members) % cfg.n_shards
+    idx_cpu = state.mask(m, s, _hash(cfg.seed, "mask", m, s), cfg.mask_ratio)
+    idx = idx_cpu.to(device)
+    tau, sizes, density = state.shard_tau(m, s + 1)
+    if tau is None or not members:
+        tau, sizes, density = torch.zeros(s + 1, d_in * d_out, dtype=cdt, device=device), [d_in * d_out] * (s + 1), \
+            cfg.density
+    tau = tau.to(device=device, dtype=cdt)
+    sizes = list(sizes)
+    sizes[s] = int(idx.numel())
+    row = torch.zeros(tau.shape[0], 1, dtype=cdt, device=device)
+    row[s] = 1.0
+
+    # replay: earlier edits of this memory (an earlier edit of the same prompt is superseded, not replayed)
+    old = [state.records[i] for i in _sample([i for i in members if state.records[i].info.get("prompt") != req.text],
+                                             cfg.replay, seed)]
+    seqs = [(ids, len(prompt), tgt)]
+    for r in old:
+        toks, n_p = list(r.info["tokens"]), int(r.info["n_prompt"])
+        seqs.append((toks[:-1], n_p, toks[n_p:]))
+    width = max(len(q[0]) for q in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    x = torch.tensor([q[0] + [pad] * (width - len(q[0])) for q in seqs], device=device)
+    att = torch.tensor([[1] * len(q[0]) + [0] * (width - len(q[0])) for q in seqs], device=device)
+    rows_i = torch.cat([torch.full((len(q[2]),), j) for j, q in enumerate(seqs)]).to(device)
+    pos_i = torch.cat([torch.arange(q[1] - 1, q[1] - 1 + len(q[2])) for q in seqs]).to(device)
+    labels = torch.tensor([t for q in seqs for t in q[2]], device=device)
+    seq_of = rows_i
+
+    old_acts = [(r.key.view(int(r.info["n_tokens"]), d_in).to(device, cdt), int(r.info["n_prompt"])) for r in old]
+    others = [i for i in state.records if state.memory_of(i) != m]
+    cross = [state.records[i] for i in _sample(others, cfg.n_cross, seed + 1)]
     irr = [_acts(model, module, t, cdt) for t in _irrelevant(model, tok, ctx, cfg, seed, label)]
+    irr += [r.key.view(int(r.info["n_tokens"]), d_in)[: int(r.info["n_prompt"])].to(device, cdt) for r in cross]
     vals = torch.zeros(idx.numel(), dtype=cdt, device=device, requires_grad=True)
 
+    # the merge is piecewise constant in its selections (trim, sign election, which rows count): its exact value
+    # goes into the loss, its gradient is the straight-through one, as if the residual's entries were always among
+    # the agreeing values (1 / the number of rows that can hold the entry); without that, a residual starting at
+    # zero would get no gradient wherever another shard already holds the entry
+    others = torch.cat([tau[:s], tau[s + 1:]])
+    share = 1.0 / ((others != 0).sum(0).to(cdt) + 1.0)
+
     def delta() -> torch.Tensor:
-        return torch.zeros(d_out * d_in, dtype=cdt, device=device).index_put((idx,), vals).view(d_out, d_in)
+        r_flat = torch.zeros(d_in * d_out, dtype=cdt, device=device).index_put((idx,), vals)
+        with torch.no_grad():
+            exact = ties_dense(tau + row * r_flat, density, sizes)
+        return (exact + (r_flat - r_flat.detach()) * share).view(d_out, d_in)
 
-    def scores(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s_e = torch.minimum(activation_score(a_prompt, d), activation_score(a_full, d))
+    def edit_score(d: torch.Tensor, a: torch.Tensor, n_p: int) -> torch.Tensor:
+        return torch.minimum(activation_score(a[:n_p], d), activation_score(a, d))
+
+    # retrieval picks the memory with the highest score: this edit's must beat every other memory's on its prompt
+    # (and prompt ⊕ target) by γ (those memories are fixed while it is trained)
+    rival_p = state.raw_scores(a_prompt, exclude=m)
+    rival_f = state.raw_scores(a_full, exclude=m)
+    rival = (float(rival_p.max()), float(rival_f.max())) if rival_p.numel() else None
+
+    def scores(d: torch.Tensor):
+        s_e = edit_score(d, a_full, len(prompt))
         s_irr = torch.stack([activation_score(a, d) for a in irr])
-        return s_e, s_irr
+        s_old = torch.stack([edit_score(d, a, n_p) for a, n_p in old_acts]) if old_acts else None
+        return s_e, s_irr, s_old
 
-    last = len(prompt) - 1
-    x = torch.tensor([ids], device=device)
-    pos = torch.arange(last, last + len(tgt), device=device)
-    labels = torch.tensor(tgt, device=device)
     opt = torch.optim.Adam([vals], lr=cfg.lr)
     nll_v = margin_v = float("inf")
     steps = 0
@@ -196,35 +304,55 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
         opt.zero_grad()
         d = delta()
         with _side(module, lambda d=d: d):
-            logits = model(input_ids=x).logits[0, pos].float()
-        nll = torch.nn.functional.cross_entropy(logits, labels)
-        s_e, s_irr = scores(d)
+            logits = model(input_ids=x, attention_mask=att).logits[rows_i, pos_i].float()
+        tok_nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        per_seq = torch.zeros(len(seqs), device=device).index_add(0, seq_of, tok_nll) / torch.bincount(
+            seq_of, minlength=len(seqs)).to(tok_nll.dtype)
+        nll = per_seq[0] + (cfg.replay_weight * per_seq[1:].mean() if len(seqs) > 1 else 0.0)
+        s_e, s_irr, s_old = scores(d)
         margin = (torch.relu(s_irr - cfg.alpha).mean() + torch.relu(cfg.beta - s_e)
                   + torch.relu(cfg.gamma - (s_e - s_irr)).mean())
-        nll_v, margin_v = float(nll.detach()), float(margin.detach())
+        if s_old is not None:
+            margin = margin + torch.relu(cfg.beta - s_old).mean()
+        if rival is not None:
+            margin = (margin + torch.relu(rival[0] + cfg.gamma - activation_score(a_prompt, d))
+                      + torch.relu(rival[1] + cfg.gamma - activation_score(a_full, d)))
+        nll_v, margin_v = float(per_seq.detach().max()), float(margin.detach())
         if nll_v < cfg.early_stop_loss and margin_v == 0.0:
             break
         (nll + margin.to(nll.dtype)).backward()
         opt.step()
     final = vals.detach().clone()
     if not torch.isfinite(final).all():
-        raise ValueError(f"{label}: the WISE shard diverged (non-finite); lower lr")
+        raise ValueError(f"{label}: the WISE residual diverged (non-finite); lower lr")
     with torch.no_grad():
-        s_e, s_irr = scores(torch.zeros(d_out * d_in, dtype=cdt, device=device).index_put((idx,), final)
-                            .view(d_out, d_in))
+        vals.data.copy_(final)
+        s_e, s_irr, _ = scores(delta())
     if not float(s_e) > 0:
-        raise ValueError(f"{label}: the WISE shard does not move the edit's activations (score 0); raise lr or steps")
-    log.debug("%s: shard trained in %d step(s), nll %.4f, margins %.4f, score %.3f (irrelevant max %.3f)",
-              label, steps, nll_v, margin_v, float(s_e), float(s_irr.max()))
+        raise ValueError(f"{label}: the WISE residual does not move the edit's activations (score 0); raise lr or "
+                         "steps")
+    log.debug("%s: memory %d shard %d, %d step(s), nll %.4f, margins %.4f, score %.3f (irrelevant max %.3f)",
+              label, m, s, steps, nll_v, margin_v, float(s_e), float(s_irr.max()))
+    info = {"mask_seed": _hash(cfg.seed, "mask", m, s), "mask_ratio": float(cfg.mask_ratio),
+            "n_tokens": int(a_full.shape[0]), "n_prompt": len(prompt), "act_ratio": float(cfg.act_ratio),
+            "density": float(density), "memory": int(m), "shard": int(s), "tokens": [int(t) for t in prompt + tgt],
+            "subject": req.subject, "prompt": req.text}
+    if members:  # the shard's mask is the one its earlier records were trained on
+        for i in members:
+            ri = state.records[i].info
+            if int(ri["shard"]) == s:
+                info["mask_seed"], info["mask_ratio"] = int(ri["mask_seed"]), float(ri["mask_ratio"])
+                break
     stats = {"loss": nll_v, "margin_loss": margin_v, "steps": steps, "score": float(s_e),
-             "irrelevant_max": float(s_irr.max())}
-    return a_full, len(prompt), final, seed, stats
+             "irrelevant_max": float(s_irr.max()), "memory": int(m), "shard": int(s), "replayed": len(old)}
+    return a_full, final, info, stats
 
 
 def compute_wise(
     model: nn.Module, tok, requests: Sequence[EditRequest], cfg: WISEConfig, ctx: EditContext | None = None
 ) -> EditDelta:
-    """One knowledge shard per request (see the module docstring); the model is left bit-identical."""
+    """One residual per request, each trained on the live side memory plus the earlier requests of this call (see
+    the module docstring); the model is left bit-identical."""
     from kedit.api import record_label
 
     ctx = ctx or EditContext()
@@ -232,18 +360,23 @@ def compute_wise(
     layer = wise_layer(model, cfg)
     path = adapter.path("mlp_out", layer)
     module = adapter.module(model, "mlp_out", layer)
+    d_out, d_in = math_weight(module).shape
+    live = get_memory(model).get(f"{path}#{SideMemory.kind}")
+    live = live if isinstance(live, SideMemory) else None
+    state = live.copy() if live is not None else MemoryState(path, int(d_in), int(d_out))
     updates = []
     stats = []
-    with keep_grad_flags(model, freeze=True):
+    with keep_grad_flags(model, freeze=True), _suspended(live):
         for i, req in enumerate(requests):
             label = record_label(i, req.case_id)
-            acts, n_prompt, vals, seed, st = _edit_one(model, tok, req, module, cfg, ctx, label)
+            acts, vals, info, st = _edit_one(model, tok, req, module, cfg, ctx, state, label)
             edit_id = uuid.uuid4().hex[:16]
-            info = {"edit_id": edit_id, "module": path, "label": req.target_new.strip(),
-                    "epsilon": float(cfg.act_ratio * st["score"]), "method": "wise", "mask_seed": seed,
-                    "mask_ratio": float(cfg.mask_ratio), "n_tokens": int(acts.shape[0]), "n_prompt": int(n_prompt),
-                    "act_ratio": float(cfg.act_ratio), "density": float(cfg.density)}
-            updates.append(MemoryEntryUpdate(f"{path}#wise:{edit_id}", acts.reshape(-1).cpu(), vals.cpu(), info))
+            full = {"edit_id": edit_id, "module": path, "label": req.target_new.strip(), "epsilon": 0.0,
+                    "method": "wise", **info}
+            rec = Record(edit_id, acts.reshape(-1).detach(), vals, full["label"], 0.0, "wise", None, dict(full))
+            state.add([rec])
+            full["epsilon"] = float(state.eps[info["memory"]])
+            updates.append(MemoryEntryUpdate(f"{path}#wise:{edit_id}", acts.reshape(-1).cpu(), vals.cpu(), full))
             stats.append({"edit_id": edit_id, **st})
     return EditDelta.for_model(model, updates, method="wise", config=asdict(cfg), requests=requests,
                                meta={"layer": layer, "module": path, "shard_training": stats})
@@ -258,8 +391,9 @@ register_method(
     config=WISEConfig,
     compute=compute_wise,
     paper=_PAPER,
-    summary="side memory (copy of one FFN output projection) behind an activation-score router; TIES-merged "
-            "knowledge shards under random masks (weights untouched; edits removable by id)",
+    summary="side memories (copies of one FFN output projection) behind an activation-score router; residuals "
+            "trained on the live memory under random shard masks, TIES-merged (weights untouched; edits removable "
+            "by id)",
     presets=_presets,
     mergeable=False,
     rollback="by edit id, any order (side memory)",
