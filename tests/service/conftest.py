@@ -98,3 +98,36 @@ class Harness:
 @pytest.fixture
 def harness(base_model, tmp_path, db_url):
     return Harness(base_model, tmp_path, db_url)
+
+
+@pytest.fixture
+def live_server():
+    """``live_server(harness, **settings)``: see :func:`_live_server`."""
+    return _live_server
+
+
+@contextmanager
+def _live_server(harness: Harness, **kw):
+    """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(harness.settings(**kw), model_loader=harness.loader())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
