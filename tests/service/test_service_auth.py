@@ -8,6 +8,7 @@ from fastapi.routing import APIRoute
 PUBLIC = {("GET", "/health"), ("GET", "/")}
 NEEDS = {
     ("GET", "/v1/me"): "viewer",
+    ("GET", "/v1/state"): "viewer",
     ("POST", "/v1/ask"): "viewer",
     ("POST", "/v1/edits"): "editor",
     ("GET", "/v1/edits"): "viewer",

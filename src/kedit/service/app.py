@@ -5,6 +5,7 @@ the OpenAPI schema are public)::
 
     GET  /health                           liveness, model, method, queue length
     GET  /v1/me                   [viewer] who the token belongs to
+    GET  /v1/state                [viewer] the served model's state fingerprint and its applied entries
     POST /v1/ask                  [viewer] {"prompt"} -> {"answer"}
     POST /v1/edits                [editor] {"subject","relation","object"} | {"text"} -> ledger entry (?wait=s)
     GET  /v1/edits                [viewer] the ledger (?state=, ?limit=, ?offset=)
@@ -49,7 +50,7 @@ from kedit.service.kg import (
     testbed_library,
     testbed_triples,
 )
-from kedit.service.ledger import audit, entry_dict
+from kedit.service.ledger import audit, entry_dict, iso
 from kedit.service.models import AuditEvent, Entry, TripleRow, User
 from kedit.service.policy import Policy, PolicyError, RulePolicy
 
@@ -280,6 +281,13 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     def ui() -> HTMLResponse:
         return HTMLResponse((Path(__file__).resolve().parent / "ui" / "index.html").read_text())
 
+    @app.get("/v1/state")
+    def model_state(request: Request, user: User = Depends(viewer)) -> dict[str, Any]:
+        """The served model's state fingerprint (every weight byte and the edit memory) and the applied entries."""
+        editor = svc(request).editor
+        return {"fingerprint": editor.fingerprint(), "base_fingerprint": editor.base_fingerprint,
+                "applied": list(editor.applied)}
+
     @app.get("/v1/me")
     def me(user: User = Depends(viewer)) -> dict[str, Any]:
         return {"id": user.id, "name": user.name, "role": user.role}
@@ -355,7 +363,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
 
     @app.get("/v1/users")
     def list_users(user: User = Depends(admin), s: Session = Depends(session_dep)) -> list[dict[str, Any]]:
-        return [{"id": u.id, "name": u.name, "role": u.role, "created": u.created.isoformat()}
+        return [{"id": u.id, "name": u.name, "role": u.role, "created": iso(u.created)}
                 for u in s.scalars(select(User).order_by(User.id))]
 
     @app.post("/v1/users", status_code=201)
@@ -395,7 +403,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
         if entry_id is not None:
             q = q.where(AuditEvent.entry_id == entry_id)
-        return [{"id": a.id, "ts": a.ts.isoformat(), "user_id": a.user_id, "entry_id": a.entry_id,
+        return [{"id": a.id, "ts": iso(a.ts), "user_id": a.user_id, "entry_id": a.entry_id,
                  "action": a.action, "from_state": a.from_state, "to_state": a.to_state, "detail": a.detail}
                 for a in s.scalars(q)]
 

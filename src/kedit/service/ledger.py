@@ -14,6 +14,7 @@ server stopped before the commit. ``rolled_back``: undone in the model and the K
 
 from __future__ import annotations
 
+from datetime import timezone
 from typing import Any
 
 from sqlalchemy import func, select
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from kedit.service.models import AuditEvent, Entry, ServiceState, utcnow
 
-__all__ = ["TRANSITIONS", "LedgerError", "audit", "entry_dict", "get_state", "next_seq", "set_state", "transition"]
+__all__ = ["TRANSITIONS", "LedgerError", "audit", "entry_dict", "get_state", "iso", "next_seq", "set_state", "transition"]
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     "pending": ("applied", "failed"),
@@ -70,14 +71,21 @@ def set_state(session: Session, key: str, value: str) -> None:
         row.value = value
 
 
+def iso(ts: Any) -> str | None:
+    """ISO 8601 in UTC (SQLite returns the stored UTC times without their zone)."""
+    if ts is None:
+        return None
+    return (ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)).isoformat()
+
+
 def entry_dict(entry: Entry, user_name: str | None = None) -> dict[str, Any]:
     return {
         "id": entry.id,
         "state": entry.state,
         "user": user_name,
         "user_id": entry.user_id,
-        "created": entry.created.isoformat() if entry.created else None,
-        "updated": entry.updated.isoformat() if entry.updated else None,
+        "created": iso(entry.created),
+        "updated": iso(entry.updated),
         "request_text": entry.request_text,
         "triples": entry.triples,
         "kg_changes": entry.kg_changes,
