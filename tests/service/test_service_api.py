@@ -189,3 +189,42 @@ def test_asks_are_served_while_an_edit_computes(harness):
         t.join(300)
         assert n >= 1 and not answer.strip().startswith(NEW)  # answered from the model before the edit
         assert result["r"].json()["state"] == "committed"
+
+
+def test_users_tokens_kg_import_and_audit(harness):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "data" / "oneedit"
+    with harness.client() as c:
+        r = c.post("/v1/users", json={"name": "vera", "role": "viewer"}, headers=c.admin)
+        assert r.status_code == 201 and r.json()["token"].startswith("kedit_")
+        uid = r.json()["id"]
+        r2 = c.post(f"/v1/users/{uid}/tokens", json={"label": "laptop"}, headers=c.admin)
+        assert r2.status_code == 201
+        h2 = {"Authorization": f"Bearer {r2.json()['token']}"}
+        assert c.get("/v1/me", headers=h2).json()["name"] == "vera"
+        assert [u["name"] for u in c.get("/v1/users", headers=c.admin).json()] == ["admin", "vera"]
+        assert c.post("/v1/users/999/tokens", json={}, headers=c.admin).status_code == 404
+
+        body = {"kg_csv": (data / "kg.csv").read_text(),
+                "relationship_library": (data / "relationship_library.json").read_text()}
+        r = c.post("/v1/kg/import", json=body, headers=c.admin)
+        assert r.status_code == 200 and r.json()["triples"] > 100, r.text
+        kg = c.get("/v1/kg", params={"entity": "Barack_Obama"}, headers=c.admin).json()
+        assert ["Barack_Obama", "born_in", "Honolulu"] in kg["out"]
+        rels = {x["name"]: x for x in c.get("/v1/kg/relations", headers=c.admin).json()}
+        assert rels["paternal grandfather"]["multihop"] == ["father", "father"]
+        assert rels["born_in"]["templates"]  # the testbed's templates survive an import without templates
+        assert c.post("/v1/kg/import", json={"kg_csv": "a,b\n"}, headers=c.admin).status_code == 422
+
+        # a OneEdit edit: spouse is one2one with reverse spouse -- the old pair is replaced, the reverse written
+        e = c.post("/v1/edits?wait=120", json={"text": "The spouse of Barack Obama is Jill Biden"},
+                   headers=c.admin).json()
+        assert e["state"] == "committed", e["error"]
+        assert e["triples"] == [["Barack_Obama", "spouse", "Jill_Biden"]]
+        assert ["Jill_Biden", "spouse", "Barack_Obama"] in e["kg_changes"]["edit"]
+        assert ["Barack_Obama", "spouse", "Michelle_Obama"] in e["kg_changes"]["rollback"]
+        actions = {a["action"] for a in c.get("/v1/audit", headers=c.admin).json()}
+        assert {"user_created", "token_issued", "kg_import", "submit", "state"} <= actions
+        assert [x["state"] for x in c.get("/v1/edits", params={"state": "committed"}, headers=c.admin).json()] \
+            == ["committed"]
