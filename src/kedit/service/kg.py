@@ -321,11 +321,12 @@ def load_oneedit(kg_csv: str, library_json: str) -> tuple[list[Triple], list[Rel
 
 
 def testbed_library(world: Any = None) -> list[Relation]:
-    """The testbed world's relations (one2one: each subject has one object) with their templates, and its
-    two-hop compositions as ``multihop`` relations."""
+    """The testbed world's relations (one2one: each subject has one object; ``capital`` and ``capital_of`` are
+    each other's reverse) with their templates, and its two-hop compositions as ``multihop`` relations."""
     from kedit.testbed.world import RELATIONS, TWO_HOP
 
-    rels = [Relation(r.name, "one2one", "", (), tuple(r.templates)) for r in RELATIONS.values()]
+    reverse = {"capital": "capital_of", "capital_of": "capital"}  # a country's capital city, and back
+    rels = [Relation(r.name, "one2one", reverse.get(r.name, ""), (), tuple(r.templates)) for r in RELATIONS.values()]
     rels += [Relation(th.name, "one2one", "", (th.first, th.second), tuple(th.templates)) for th in TWO_HOP.values()]
     return rels
 
