@@ -144,6 +144,11 @@ def test_bad_input_gets_clear_4xx(harness):
             assert r.status_code == code and msg in r.text, (path, body, r.status_code, r.text)
         assert c.get("/v1/edits/999", headers=h).status_code == 404
         assert c.post("/v1/edits/999/rollback", headers=h).status_code == 404
+        # an edit whose compute fails (the target is longer than the model's context) is recorded as failed
+        r = c.post("/v1/edits?wait=120", json={"subject": SUBJECT, "relation": RELATION,
+                                               "object": " ".join(["Baica"] * 80)}, headers=h)
+        assert r.json()["state"] == "failed" and r.json()["error"], r.text
+        assert c.app_state.service.editor.applied == {}
         Harness = type(harness)
         Harness.user(c, "dup", "viewer")
         assert c.post("/v1/users", json={"name": "dup", "role": "viewer"}, headers=h).status_code == 409

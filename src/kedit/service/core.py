@@ -196,15 +196,17 @@ class KnowledgeService:
                 requests = [q for t in res.edit for q in triple_requests(t, kg.relation(t[1]),
                                                                           n_templates=self.n_templates)]
                 delta = self.editor.compute(requests)
-            except Exception as e:
+                path = self._write_artefact(entry_id, delta)
+                self.editor.apply(entry_id, delta)  # all-or-nothing: refuses a swallowed or non-finite delta
+            except Exception as e:  # nothing reached the served model: the entry fails with the reason
+                s.rollback()
+                entry = s.get(Entry, entry_id)
                 entry.error = f"{type(e).__name__}: {e}"
-                transition(s, entry, "failed", user_id=None, reason="compute")
+                transition(s, entry, "failed", user_id=None, reason="edit")
                 s.commit()
                 return "failed"
             entry.kg_changes = res.to_dict()
             entry.requests = requests
-            path = self._write_artefact(entry_id, delta)
-            self.editor.apply(entry_id, delta)
             try:
                 entry.artefact, entry.artefact_sha256 = str(path), artefact_sha256(path)
                 transition(s, entry, "applied", user_id=None)
