@@ -137,6 +137,7 @@ def test_bad_input_gets_clear_4xx(harness):
             ("/v1/edits", {"subject": " ", "relation": RELATION, "object": NEW}, 422, "non-blank"),
             ("/v1/ask", {"prompt": ""}, 422, "at least 1"),
             ("/v1/ask", {"prompt": "x", "bogus": 1}, 422, "Extra inputs"),
+            ("/v1/ask", {"prompt": "Baica " * 600}, 422, "context window"),
             ("/v1/users", {"name": "u", "role": "root"}, 422, "pattern"),
         ]
         for path, body, code, msg in cases:
@@ -144,6 +145,8 @@ def test_bad_input_gets_clear_4xx(harness):
             assert r.status_code == code and msg in r.text, (path, body, r.status_code, r.text)
         assert c.get("/v1/edits/999", headers=h).status_code == 404
         assert c.post("/v1/edits/999/rollback", headers=h).status_code == 404
+        assert c.get(f"/v1/edits/{2**70}", headers=h).status_code == 422  # beyond a database integer
+        assert c.post("/v1/statements", json={"text": f"roll back entry {2**70}"}, headers=h).status_code == 404
         # an edit whose compute fails (the target is longer than the model's context) is recorded as failed
         r = c.post("/v1/edits?wait=120", json={"subject": SUBJECT, "relation": RELATION,
                                                "object": " ".join(["Baica"] * 80)}, headers=h)

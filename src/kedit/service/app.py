@@ -27,15 +27,17 @@ from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from kedit.api import PromptTooLongError
 from kedit.service import auth
 from kedit.service.core import KnowledgeService, ServiceError
 from kedit.service.db import make_engine, make_sessionmaker, upgrade
@@ -55,6 +57,9 @@ from kedit.service.models import AuditEvent, Entry, TripleRow, User
 from kedit.service.policy import Policy, PolicyError, RulePolicy
 
 __all__ = ["ServiceSettings", "create_app"]
+
+MAX_ID = 2**31 - 1  # ids are 32-bit integers in every database
+Id = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +263,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         return entry_out(s, entry.id)
 
     def rollback(request: Request, s: Session, user: User, entry_id: int, wait: float):
-        e = s.get(Entry, entry_id)
+        e = s.get(Entry, entry_id) if 1 <= entry_id <= MAX_ID else None
         if e is None:
             raise HTTPException(404, f"no ledger entry {entry_id}")
         if e.state != "committed":
@@ -312,7 +317,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
 
     @app.get("/v1/edits")
     def list_edits(state: str | None = Query(None, pattern="^(pending|applied|committed|failed|rolled_back)$"),
-                   limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+                   limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_ID),
                    user: User = Depends(viewer), s: Session = Depends(session_dep)) -> list[dict[str, Any]]:
         q = select(Entry).order_by(Entry.id.desc()).limit(limit).offset(offset)
         if state is not None:
@@ -321,11 +326,11 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         return [entry_dict(e, users.get(e.user_id)) for e in s.scalars(q)]
 
     @app.get("/v1/edits/{entry_id}")
-    def get_edit(entry_id: int, user: User = Depends(viewer), s: Session = Depends(session_dep)) -> dict[str, Any]:
+    def get_edit(entry_id: Id, user: User = Depends(viewer), s: Session = Depends(session_dep)) -> dict[str, Any]:
         return entry_out(s, entry_id)
 
     @app.post("/v1/edits/{entry_id}/rollback", status_code=202)
-    def rollback_edit(entry_id: int, request: Request, wait: float = Wait, user: User = Depends(editor),
+    def rollback_edit(entry_id: Id, request: Request, wait: float = Wait, user: User = Depends(editor),
                       s: Session = Depends(session_dep)) -> dict[str, Any]:
         return rollback(request, s, user, entry_id, wait)
 
@@ -378,7 +383,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         return {"id": new.id, "name": new.name, "role": new.role, "token": plain, "token_id": row.id}
 
     @app.post("/v1/users/{user_id}/tokens", status_code=201)
-    def create_token(user_id: int, body: TokenIn, user: User = Depends(admin),
+    def create_token(user_id: Id, body: TokenIn, user: User = Depends(admin),
                      s: Session = Depends(session_dep)) -> dict[str, Any]:
         target = s.get(User, user_id)
         if target is None:
@@ -389,7 +394,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         return {"token_id": row.id, "user_id": target.id, "token": plain}
 
     @app.delete("/v1/tokens/{token_id}")
-    def revoke_token(token_id: int, user: User = Depends(admin), s: Session = Depends(session_dep)) -> dict[str, Any]:
+    def revoke_token(token_id: Id, user: User = Depends(admin), s: Session = Depends(session_dep)) -> dict[str, Any]:
         row = auth.revoke_token(s, token_id)
         if row is None:
             raise HTTPException(404, f"no token {token_id}")
@@ -398,7 +403,7 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         return {"token_id": token_id, "revoked": True}
 
     @app.get("/v1/audit")
-    def audit_log(entry_id: int | None = Query(None), limit: int = Query(200, ge=1, le=5000),
+    def audit_log(entry_id: int | None = Query(None, ge=1, le=MAX_ID), limit: int = Query(200, ge=1, le=5000),
                   user: User = Depends(admin), s: Session = Depends(session_dep)) -> list[dict[str, Any]]:
         q = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
         if entry_id is not None:
@@ -406,6 +411,10 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         return [{"id": a.id, "ts": iso(a.ts), "user_id": a.user_id, "entry_id": a.entry_id,
                  "action": a.action, "from_state": a.from_state, "to_state": a.to_state, "detail": a.detail}
                 for a in s.scalars(q)]
+
+    @app.exception_handler(PromptTooLongError)
+    async def _too_long(request: Request, exc: PromptTooLongError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from kedit.api import greedy_answers
+from kedit.api import PromptTooLongError, context_window, greedy_answers
 from kedit.core.context import EditContext
 from kedit.deltas import EditDelta
 from kedit.fingerprint import model_fingerprint, tensor_fingerprint
@@ -89,6 +89,14 @@ class Editor:
 
     # -- reading ---------------------------------------------------------------------------------------------------
     def ask(self, prompt: str, *, max_new_tokens: int = 8) -> str:
+        """The greedy continuation of ``prompt`` by the served model (:class:`PromptTooLongError` when the prompt
+        and ``max_new_tokens`` do not fit the model's context window)."""
+        window = context_window(self.model)
+        if window is not None:
+            n = len(self.tok(prompt, add_special_tokens=True, verbose=False)["input_ids"])
+            if n + max_new_tokens > window:
+                raise PromptTooLongError(f"the prompt has {n} tokens; with max_new_tokens={max_new_tokens} it "
+                                         f"exceeds the model's context window of {window} tokens")
         with self.lock:
             return greedy_answers(self.model, self.tok, [prompt], max_new_tokens=max_new_tokens)[0]
 
