@@ -70,7 +70,7 @@ class Entry(Base):
     requests: Mapped[list[Any]] = mapped_column(JSON, default=list)
     method: Mapped[str] = mapped_column(String(50))
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    state: Mapped[str] = mapped_column(String(20), default="pending")
+    state: Mapped[str] = mapped_column(String(20), default="pending", index=True)
     #: commit order (set when committed; replay follows it)
     seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
     artefact: Mapped[str | None] = mapped_column(Text, nullable=True)
