@@ -164,7 +164,11 @@ def test_policy_allow_list_and_per_user_limit(harness):
         ed = type(harness).user(c, "ed", "editor")
         r = c.post("/v1/edits", json={"subject": SUBJECT, "relation": "plays", "object": "drums"}, headers=ed)
         assert r.status_code == 403 and "plays" in r.json()["detail"]
-        assert c.post("/v1/edits?wait=120", json=EDIT, headers=ed).json()["state"] == "committed"
+        e = c.post("/v1/edits?wait=120", json=EDIT, headers=ed).json()
+        assert e["state"] == "committed" and e["user"] == "ed"
+        other = type(harness).user(c, "other", "editor")
+        r = c.post(f"/v1/edits/{e['id']}/rollback", headers=other)
+        assert r.status_code == 403 and "author or an admin" in r.json()["detail"]
         r = c.post("/v1/edits", json=EDIT, headers=ed)
         assert r.status_code == 403 and "limit of 1" in r.json()["detail"]
         actions = [a["action"] for a in c.get("/v1/audit", headers=c.admin).json()]

@@ -10,7 +10,7 @@ the OpenAPI schema are public)::
     POST /v1/edits                [editor] {"subject","relation","object"} | {"text"} -> ledger entry (?wait=s)
     GET  /v1/edits                [viewer] the ledger (?state=, ?limit=, ?offset=)
     GET  /v1/edits/{id}           [viewer] one entry
-    POST /v1/edits/{id}/rollback  [editor] roll it back in the model and the KG (?wait=s)
+    POST /v1/edits/{id}/rollback  [editor] roll it back in the model and the KG (?wait=s; its author or an admin)
     POST /v1/statements           [editor] {"text"}: natural language -> edit / rollback / query
     GET  /v1/kg                   [viewer] ?entity= its neighbourhood
     GET  /v1/kg/relations         [viewer] the relationship library
@@ -266,6 +266,9 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
         e = s.get(Entry, entry_id) if 1 <= entry_id <= MAX_ID else None
         if e is None:
             raise HTTPException(404, f"no ledger entry {entry_id}")
+        if e.user_id != user.id and not auth.has_role(user.role, "admin"):
+            raise HTTPException(403, f"entry {entry_id} is another user's; only its author or an admin can roll "
+                                     "it back")
         if e.state != "committed":
             raise HTTPException(409, f"entry {entry_id} is {e.state}; only committed entries can be rolled back")
         audit(s, "rollback_requested", user_id=user.id, entry=e)
