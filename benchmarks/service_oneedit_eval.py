@@ -11,7 +11,12 @@ builds a fresh system per record:
   the reverse triple);
 * **one-hop**: the two-hop relation through the edited one (``born_in -> born_country``, ``works_for ->
   employer_city``, ``citizen_of -> citizen_capital``) -> the composed answer (the KG writes the composition);
-* **sub-replace**: the first template with the subject's alias (``Dr. Gaiskim``) -> the new object.
+* **sub-replace**: the first template with the subject's alias (``Dr. Gaiskim``) -> the new object;
+* **paraphrase** (not in OneEdit): the relation's third template, which the editor did not edit (it edits the
+  first ``--templates-per-triple`` = 2) -> the new object.
+
+Reliability, reverse and one-hop score the very prompts the KG expansion wrote into the model, so they measure
+that the expansion happened and the edit took, not generalisation; paraphrase and sub-replace do.
 
 Scores are OneEdit's token-level ones: greedy generation of exactly as many tokens as the target has, mean
 positional match. Also reported: the fraction of rollbacks after which the model's state fingerprint equals the
@@ -71,7 +76,8 @@ def main() -> int:
             if rel == "capital":  # a city not yet a capital, so the reverse is unambiguous
                 objs = [o for o in objs if o not in world.facts["capital_of"]]
             records.append((s, rel, rng.choice(objs)))
-    scores: dict[str, list[float]] = {"reliability": [], "reverse": [], "one_hop": [], "sub_replace": []}
+    scores: dict[str, list[float]] = {"reliability": [], "reverse": [], "one_hop": [], "sub_replace": [],
+                                      "paraphrase": []}
     exact_rollbacks = 0
     with tempfile.TemporaryDirectory() as tmp:
         settings = ServiceSettings(db_url=f"sqlite:///{tmp}/kedit.db", artefacts=f"{tmp}/artefacts",
@@ -95,6 +101,8 @@ def main() -> int:
                         th = TWO_HOP[ONE_HOP[rel]]
                         scores["one_hop"].append(token_score(model, tok, th.templates[0].format(s),
                                                              world.two_hop_answer(th.name, s, first_object=o)))
+                    if len(RELATIONS[rel].templates) > 2:
+                        scores["paraphrase"].append(token_score(model, tok, RELATIONS[rel].templates[2].format(s), o))
                     for alias in world.aliases.get(s, [])[:1]:
                         scores["sub_replace"].append(token_score(model, tok,
                                                                  RELATIONS[rel].templates[0].format(alias), o))

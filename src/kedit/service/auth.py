@@ -1,8 +1,9 @@
 """Users, roles and bearer tokens.
 
 A token is ``kedit_`` + 32 random url-safe bytes; only its sha256 is stored, so a leaked database does not leak
-usable tokens. Roles are ordered ``viewer < editor < admin`` (:data:`kedit.service.models.ROLES`): viewers ask and
-read, editors also edit and roll back their own entries, admins roll back any entry and also manage users, tokens and the KG.
+usable tokens. Roles are ordered ``viewer < editor < admin`` (:data:`kedit.service.models.ROLES`): viewers ask
+and read, editors also edit and roll back their own entries, admins roll back any entry and manage users, tokens
+and the KG.
 """
 
 from __future__ import annotations
