@@ -53,7 +53,7 @@ def main() -> int:
         token = (tmp / "token").read_text().strip()
         rc = subprocess.call([st, "run", f"http://127.0.0.1:{port}/openapi.json", "-H", f"Authorization: Bearer {token}",
                               "-c", "not_a_server_error", "-n", str(args.max_examples), "--seed", str(args.seed),
-                              "--continue-on-failure"])
+                              "--continue-on-failure"], cwd=tmp)
         server.should_exit = True
         thread.join(60)
     return rc

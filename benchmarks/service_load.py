@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import random
@@ -57,7 +58,7 @@ def _facts(n: int, seed: int):
     rng = random.Random(seed)
     facts = list(world.iter_facts())
     out = []
-    for f in rng.sample(facts, n):
+    for f in rng.sample(facts, min(n, len(facts))):
         objs = [o for o in world.entities[world.relations[f.relation].object_type] if o != f.object]
         out.append((f.subject, f.relation, rng.choice(objs)))
     return out
@@ -108,7 +109,7 @@ def main() -> int:
         prompt = "Babra Gaiskim was born in"
         out["asks_per_s_idle"] = round(_asks_per_s(url, h, args.seconds, args.ask_clients, prompt), 1)
 
-        facts = iter(_facts(args.clients * args.requests + 1000, args.seed))
+        facts = itertools.cycle(_facts(args.clients * args.requests + 1000, args.seed))
         stop = threading.Event()
         n_edits = [0]
 

@@ -179,7 +179,8 @@ class KnowledgeService:
         session.flush()
         audit(session, "submit", user_id=user.id, entry=entry, to_state="pending")
         session.commit()
-        return entry, self._submit(lambda: self._edit_job(entry.id))
+        entry_id = entry.id  # the job gets the id, never the request session's object (another thread's)
+        return entry, self._submit(lambda: self._edit_job(entry_id))
 
     def _edit_job(self, entry_id: int) -> str:
         with self.sessions() as s:
@@ -240,7 +241,8 @@ class KnowledgeService:
 
     # -- rollback --------------------------------------------------------------------------------------------------
     def submit_rollback(self, entry_id: int, user: User) -> Future:
-        return self._submit(lambda: self._rollback_job(entry_id, user.id))
+        user_id = user.id  # read now: the request's session may expire the object before the job runs
+        return self._submit(lambda: self._rollback_job(entry_id, user_id))
 
     def _rollback_job(self, entry_id: int, user_id: int) -> str:
         with self.sessions() as s:
