@@ -72,3 +72,21 @@ def test_editor_refuses_a_model_with_edits(base_model):
     ed.apply(1, ed.compute(R1))
     with pytest.raises(EditorError, match="without edits"):
         Editor(ed.model, ed.tok)
+
+
+def test_memory_rollback_leaves_what_a_restart_replays(base_model):
+    # entries 2 and 3 edit the same prompt as entry 1: the codebook expands/splits around entry 1's key, so
+    # removing it in place would leave a memory no replay of the survivors reproduces
+    same = [dict(R1[0], target_new=t) for t in ("Neirvoum", "Tetreian")]
+    ed = _editor(base_model, "grace", {})
+    deltas = {}
+    for i, reqs in enumerate([R1, [same[0]], R2, [same[1]]], start=1):
+        deltas[i] = ed.compute(reqs)
+        ed.apply(i, deltas[i])
+    ed.remove(1)
+    ed.remove(3)
+    replay = _editor(base_model, "grace", {})
+    for i in (2, 4):
+        replay.apply(i, deltas[i].copy())
+    assert state_fingerprint(ed.model) == state_fingerprint(replay.model)
+    assert state_fingerprint(ed.replica) == state_fingerprint(ed.model)

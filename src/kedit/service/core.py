@@ -158,6 +158,9 @@ class KnowledgeService:
             self.busy.set()
             try:
                 fut.set_result(job())
+            except ServiceError as e:  # refused (e.g. a second rollback of the same entry): the caller is told
+                log.info("writer job refused: %s", e)
+                fut.set_exception(e)
             except BaseException as e:  # the writer never dies: the job's caller gets the error
                 log.exception("writer job failed")
                 fut.set_exception(e)

@@ -8,7 +8,9 @@ while they compute, and a memory codebook keeps per-forward state. So the editor
 same weights and the same memory); asks on the served model go on during the compute and wait only for the
 short apply. Without a replica (``replica=False``: half the memory) the compute holds the lock too.
 
-Rollback. A memory method's delta (GRACE, WISE) is removed by its edit ids in any order. A weight method's
+Rollback. A memory method's delta (GRACE, WISE) is removed by rebuilding the memory from empty with the other
+entries in their order (removing its edit ids in place would leave a codebook that later entries expanded or split
+around it, which differs from what a restart replays). A weight method's
 newest delta is reverted bitwise (:meth:`kedit.deltas.EditDelta.revert`); a middle one by reverting the deltas
 after it (newest first), reverting it, and recomputing the later edits from their requests on the model without
 it -- sequential weight edits do not commute, so their old deltas no longer fit (:meth:`Editor.remove` returns the
@@ -136,8 +138,8 @@ class Editor:
         if entry_id not in self.applied:
             raise EditorError(f"entry {entry_id} is not applied")
         delta, _ = self.applied[entry_id]
-        if delta.is_memory:
-            self._revert(entry_id)
+        if delta.is_memory and all(d.is_memory for d, _ in self.applied.values()):
+            self._rebuild_memory(entry_id)
             return {}
         order = list(self.applied)
         later = order[order.index(entry_id) + 1:]
@@ -151,6 +153,17 @@ class Editor:
             self.apply(i, d)
             new[i] = d
         return new
+
+    def _rebuild_memory(self, entry_id: int) -> None:
+        """Remove ``entry_id`` from a memory-only model by rebuilding the memory from empty with the other entries
+        in their order. Removing an entry in place is not enough: later entries may have expanded or split the
+        codebook around its key, and the memory left behind would differ from the one a restart replays."""
+        order = [i for i in self.applied if i != entry_id]
+        deltas = {i: self.applied[i][0] for i in order}
+        for i in reversed(list(self.applied)):
+            self._revert(i)
+        for i in order:
+            self.apply(i, deltas[i])
 
     def _revert(self, entry_id: int) -> None:
         delta, twin = self.applied[entry_id]
