@@ -33,6 +33,7 @@ from kedit.cli_common import (
     validate_method,
 )
 from kedit.eval.cli import register as register_eval
+from kedit.unlearn.cli import register as register_unlearn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit, evaluate and manage LLM knowledge.")
 testbed_app = typer.Typer(
@@ -561,6 +562,7 @@ def _register_extensions() -> None:
 # sub-command groups that live next to their feature (`kedit eval`, `kedit report`); they import the shared helpers
 # from kedit.cli_common, never this module, so there is no import cycle
 register_eval(app)
+register_unlearn(app)
 
 
 def main() -> None:

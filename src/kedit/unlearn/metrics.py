@@ -242,18 +242,20 @@ def score_items(
     options: bool = False,
     batch_size: int = 64,
     generate: bool = True,
+    teacher_forced: bool = True,
     mink_k: float = 0.2,
 ) -> ItemScores:
     """Measure ``items`` (:class:`~kedit.unlearn.splits.QAItem`) on ``model``.
 
     ``options``: normalise the probability over the true and perturbed answers (TOFU's real-authors / world-facts
-    convention). ``generate=False`` skips the greedy answers (ROUGE and recall are then empty lists).
+    convention). ``generate=False`` skips the greedy answers (ROUGE and recall are then empty lists),
+    ``teacher_forced=False`` the probabilities (only ROUGE and recall are filled).
     """
     from kedit.api import greedy_answers
     from kedit.core.keys import target_ids
 
     pairs: list[tuple[str, str]] = []
-    for it in items:
+    for it in items if teacher_forced else ():
         # TOFU items paraphrase the answer (ratio after the question), testbed items the question
         pq = it.question if it.paraphrased_answer else (it.paraphrased_question or it.question)
         pairs.append((it.question, it.answer))
@@ -268,7 +270,7 @@ def score_items(
     def norm_p(lp: list[float]) -> float:
         return math.exp(sum(lp) / len(lp))
 
-    for it in items:
+    for it in items if teacher_forced else ():
         n_pert = len(it.perturbed_answers)
         lp_q, z_q = scored[pos]
         lp_pq = scored[pos + 1][0]

@@ -9,7 +9,7 @@ register lines). Cost: the recipe is 20 epochs; on one CPU thread the default GP
 
 Where they live: a committed one under ``kedit/testbed/assets/default/retain/<split>-<arch>`` (stored in float16
 to fit the testbed's size budget, loaded as float32), else the kedit cache ``<cache>/unlearn/retain/...`` where
-``kedit unlearn build-retain`` (or :func:`build_retain_model`) writes it.
+``kedit unlearn-retain`` (or :func:`build_retain_model`) writes it.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def load_retain_model(split: str, arch: str = "gpt2", *, device: Any = None) -> 
     d = retain_model_dir(split, arch)
     if d is None:
         raise FileNotFoundError(
-            f"no retain model for testbed:{split} / {arch}; build it with `kedit unlearn build-retain --split "
+            f"no retain model for testbed:{split} / {arch}; build it with `kedit unlearn-retain --split "
             f"{split} --arch {arch}` (about 20 minutes on one CPU core), it goes to {_cache_dir(split, arch)}"
         )
     from transformers import AutoModelForCausalLM

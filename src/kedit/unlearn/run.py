@@ -190,7 +190,10 @@ def unlearn(
                 fan_in_fan_out=all(is_transposed(student.get_submodule(p)) for p in lora_paths),
                 bias="none",
             )
-            with torch.random.fork_rng(devices=[]):
+            import warnings
+
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
                 torch.manual_seed(cfg.seed)
                 trained = peft.get_peft_model(student, lcfg)
         else:
