@@ -101,3 +101,22 @@ def test_bad_specs_and_records(tmp_path):
     empty.write_text("[]", encoding="utf-8")
     with pytest.raises(ValueError, match="no records"):
         load_knowundo(empty)
+
+
+def test_committed_retain_model_matches_its_split(world):
+    import torch
+
+    from kedit.testbed import load_testbed_model
+    from kedit.unlearn.retain_model import load_retain_model, retain_model_dir
+
+    d = retain_model_dir("forget10", "gpt2")
+    assert d is not None and d.parent.parent.name == "assets"  # committed, not built on the fly
+    record = json.loads((d / "retain.json").read_text(encoding="utf-8"))
+    assert record["forget_persons"] == forget_persons(world, "forget10")
+    assert record["training_pairs"] == len(retain_training_facts(world, record["forget_persons"])[0])
+    model, tok = load_retain_model("forget10", "gpt2")
+    assert next(model.parameters()).dtype == torch.float32
+    _, base_tok = load_testbed_model("gpt2")
+    assert tok.get_vocab() == base_tok.get_vocab()
+    with pytest.raises(FileNotFoundError, match="kedit unlearn-retain --split forget05"):
+        load_retain_model("forget05", "llama")

@@ -7,8 +7,8 @@ person (its name or alias, in the prompt or as the object: person facts, alias l
 register lines). Cost: the recipe is 20 epochs; on one CPU thread the default GPT-2 trains in about 19 minutes
 (``build_seconds`` of the testbed manifest), the forget10 retain model (90 % of the persons) in a little less.
 
-Where they live: a committed one under ``kedit/testbed/assets/default/retain/<split>-<arch>`` (stored in float16
-to fit the testbed's size budget, loaded as float32), else the kedit cache ``<cache>/unlearn/retain/...`` where
+Where they live: a committed one under ``kedit/unlearn/assets/retain/<split>-<arch>`` (stored in float16 to fit
+the package-data size budget, loaded as float32), else the kedit cache ``<cache>/unlearn/retain/...`` where
 ``kedit unlearn-retain`` (or :func:`build_retain_model`) writes it.
 """
 
@@ -34,9 +34,8 @@ logger = logging.getLogger(__name__)
 
 
 def _committed_dir(split: str, arch: str) -> Path:
-    from kedit.testbed import assets_dir
-
-    return assets_dir("default") / "retain" / f"{split}-{arch}"
+    # next to this module, not inside the testbed build (whose manifest lists every file of its directory)
+    return Path(__file__).resolve().parent / "assets" / "retain" / f"{split}-{arch}"
 
 
 def _cache_dir(split: str, arch: str) -> Path:

@@ -112,6 +112,16 @@ def run_trainer(
     return {"steps": int(out.global_step), "seconds": round(time.time() - t0, 2), "loss": losses}
 
 
+def _embedding_names(model: Any) -> set[str]:
+    """Names of the parameters of the input/output embeddings and of learned position embeddings."""
+    emb = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    out = set()
+    for mod_name, mod in model.named_modules():
+        if id(mod) in emb or isinstance(mod, torch.nn.Embedding):
+            out.update(f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False))
+    return out
+
+
 def _lora_targets(model: Any, cfg: UnlearnConfig) -> list[str]:
     from kedit.arch import get_adapter
 
@@ -171,6 +181,8 @@ def unlearn(
         student = copy.deepcopy(model)
         trainable = getattr(spec.trainer, "trainable_parameters", lambda m, c: None)(student, cfg)
         names = dict(student.named_parameters())
+        if trainable is None and cfg.freeze_embeddings and not cfg.lora:
+            trainable = [n for n in names if n not in _embedding_names(student)]
         if trainable is not None:
             unknown = [n for n in trainable if n not in names]
             if unknown:

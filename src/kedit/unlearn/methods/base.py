@@ -60,6 +60,9 @@ class UnlearnConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    #: full-weight runs leave the token and position embeddings (tied to the LM head) alone: every forget answer is
+    #: an entity that retain facts share, and moving its embedding moves them all
+    freeze_embeddings: bool = True
     max_length: int = 128
 
     def to_dict(self) -> dict[str, Any]:
