@@ -56,7 +56,7 @@ def test_reverse_kl_gradient_matches_autograd_of_the_explicit_formula():
     explicit.backward()
     assert loss.item() == pytest.approx(explicit.item(), rel=1e-6)
     assert torch.allclose(a.grad, b.grad.to(a.grad.dtype), atol=1e-6)
-    assert float(loss) >= 0.0
+    assert loss.item() >= 0.0
     # the teacher gets no gradient
     t = zt.clone().requires_grad_(True)
     reverse_kl(z.clone().requires_grad_(True), t, mask).backward()
