@@ -34,6 +34,7 @@ from kedit.cli_common import (
 )
 from kedit.eval.cli import register as register_eval
 from kedit.service.cli import register as register_serve
+from kedit.unlearn.cli import register as register_unlearn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit, evaluate and manage LLM knowledge.")
 testbed_app = typer.Typer(
@@ -563,6 +564,7 @@ def _register_extensions() -> None:
 # from kedit.cli_common, never this module, so there is no import cycle
 register_eval(app)
 register_serve(app)
+register_unlearn(app)
 
 
 def main() -> None:

@@ -14,6 +14,10 @@ version, never a silent change (the field's reference framework changed its sequ
                            k, each computed on the model with all earlier edits live; at each checkpoint t every
                            fact edited so far is evaluated (retention), plus a fixed locality probe set, perplexity,
                            time and memory (:mod:`kedit.eval.lifelong`). A chunk never spans a checkpoint.
+``unlearn/v1``             the whole forget set is unlearned at once (one delta), then the forget, retain, other
+                           entity, world-fact and holdout sets are measured against a retain model: forget quality
+                           (KS test of truth ratios), model utility, membership-inference AUCs, recall of every
+                           untouched fact (:mod:`kedit.unlearn.evaluate`); the model is restored after
 =========================  =========================================================================================
 
 The model is always restored (bitwise, LIFO revert of the applied deltas) at the end of a run.
@@ -79,6 +83,8 @@ class Protocol:
                 start = cp
             steps[-1] = Step(steps[-1].index, steps[-1].edit, steps[-1].evaluate, True, steps[-1].checkpoint)
             return steps
+        if self.name == "unlearn":  # one unlearning delta for the whole forget set
+            return [Step(0, tuple(range(n)), tuple(range(n)), True)]
         if self.name == "single":
             k = 1
         chunks = [tuple(range(b, min(b + k, n))) for b in range(0, n, k)]
@@ -109,6 +115,10 @@ PROTOCOLS: dict[str, Protocol] = {
                  "each checkpoint every fact edited so far is evaluated by its newest edit (retention), with "
                  "locality on a fixed set of facts no edit of the stream touches, perplexity on held-out text, time "
                  "per edit and memory held", cumulative=True),
+        Protocol("unlearn", 1, "the whole forget set unlearned at once (one delta); forget, retain, other-entity, "
+                 "world-fact and holdout sets measured against a retain model trained without the forget set: "
+                 "forget quality (KS p-value of truth ratios), model utility (TOFU harmonic mean), MIA AUCs, recall "
+                 "of every untouched fact; the model restored bitwise after", cumulative=False),
     )
 }
 

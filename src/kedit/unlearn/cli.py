@@ -1,0 +1,183 @@
+"""``kedit unlearn`` and ``kedit unlearn-retain`` (registered on the main Typer app by :func:`register`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+__all__ = ["register"]
+
+_SUMMARY_KEYS = (
+    "forget_quality",
+    "model_utility",
+    "retain_model_utility",
+    "forget_Q_A_Prob",
+    "forget_Truth_Ratio",
+    "forget_recall",
+    "untouched_recall",
+    "mia_loss_auc",
+    "mia_min_k_plus_plus_auc",
+)
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _check_tokenizers(tok: Any, other: Any, what: str) -> None:
+    from kedit.cli_common import fail
+
+    if tok.get_vocab() != other.get_vocab():
+        fail(f"{what} has a different tokenizer than the model ({len(other)} vs {len(tok)} tokens, or other ids); "
+             "forget quality compares token probabilities, so both must share one")
+
+
+def _reference_model(model: str, spec: str, retain_model: Optional[Path], tok: Any) -> tuple[Any, str] | None:
+    """The retain model to compare with: ``--retain-model``, else the testbed's for a testbed split and model."""
+    from kedit.api import TESTBED_MODELS
+    from kedit.cli_common import fail, load_or_fail
+
+    if retain_model is not None:
+        ref, rtok = load_or_fail(str(retain_model))
+        _check_tokenizers(tok, rtok, f"retain model {retain_model}")
+        return ref, str(retain_model)
+    if spec.startswith("testbed:") and model in TESTBED_MODELS:
+        from kedit.unlearn.retain_model import load_retain_model
+
+        try:
+            ref, rtok = load_retain_model(spec.split(":", 1)[1], TESTBED_MODELS[model])
+        except FileNotFoundError as e:
+            fail(str(e))
+            raise
+        _check_tokenizers(tok, rtok, "the testbed retain model")
+        return ref, f"testbed retain model {spec.split(':', 1)[1]}/{TESTBED_MODELS[model]}"
+    return None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("unlearn")
+    def unlearn_cmd(
+        model: str = typer.Option(..., "--model", help="Model name or directory (testbed-gpt2, testbed-llama, ...)."),
+        method: str = typer.Option("npo", "--method", help="grad_ascent, grad_diff, npo, simnpo, rmu or rkld."),
+        forget: str = typer.Option(..., "--forget", help="testbed:forget01|forget05|forget10, or a TOFU / KnowUnDo "
+                                   "forget file."),
+        retain: Optional[Path] = typer.Option(None, "--retain", help="Retain file for a TOFU / KnowUnDo forget file."),
+        out_dir: Path = typer.Option(..., "--out", help="Directory for the delta and unlearn.json (new or empty)."),
+        retain_model: Optional[Path] = typer.Option(
+            None, "--retain-model", help="Retain model for forget quality (default: the testbed's, for testbed "
+            "splits)."),
+        sets: list[str] = typer.Option([], "--set", help="Config override key=value (JSON values), repeatable."),
+        lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (low-rank delta) instead of weights."),
+        no_eval: bool = typer.Option(False, "--no-eval", help="Only unlearn and save the delta."),
+        eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Cap every measured set at N items (a "
+                                                "seeded sample; quick checks, not the protocol's figures)."),
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    ) -> None:
+        """Unlearn a forget set, save the change as a kedit delta (revertible bitwise) and measure unlearn/v1:
+        forget quality against the retain model, model utility (and the retain model's), MIA AUCs, recall of every
+        untouched fact."""
+        from kedit.cli_common import (
+            check_model_available,
+            err,
+            fail,
+            load_or_fail,
+            out,
+            parse_sets,
+            progress_bars,
+        )
+        from kedit.unlearn.evaluate import PROTOCOL_ID, evaluate_model, reference_from
+        from kedit.unlearn.loaders import load_forget_spec
+        from kedit.unlearn.methods.registry import get_unlearn_method
+        from kedit.unlearn.run import make_config, unlearn
+
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            fail(f"--out {out_dir} exists and is not an empty directory")
+        try:
+            spec = get_unlearn_method(method)
+            overrides = parse_sets(sets)
+            if lora:
+                overrides["lora"] = True
+            cfg = make_config(spec.name, overrides)
+            split = load_forget_spec(forget, retain=str(retain) if retain else None)
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+            raise
+        m, tok = load_or_fail(model, **check_model_available(model))
+        reference = None if no_eval else _reference_model(model, forget, retain_model, tok)
+        if reference is None and not no_eval:
+            err.print("no retain model: forget quality is not measured (give --retain-model)", style="yellow")
+        try:
+            with progress_bars(not json_out) as bar:
+                result = unlearn(m, tok, split, spec.name, cfg,
+                                 progress=(lambda s, d, t: bar(s, d, t)) if bar else None)
+        except (ValueError, RuntimeError) as e:
+            fail(f"{spec.name}: {e}")
+            raise
+        metrics: dict[str, Any] = {}
+        if not no_eval:
+            with err.status("measuring unlearn/v1"):
+                ref_scores = reference_from(reference[0], tok, split, max_items=eval_size) if reference else None
+                with result.delta.applied(m):
+                    metrics = evaluate_model(m, tok, split, ref_scores, max_items=eval_size)
+        tmp = out_dir.with_name(out_dir.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        result.delta.save(tmp / "delta")
+        record = {
+            "protocol": PROTOCOL_ID,
+            "model": model,
+            "method": spec.name,
+            "forget": forget,
+            "split": split.info,
+            "reference": reference[1] if reference else None,
+            "config": cfg.to_dict(),
+            "train": result.log,
+            "eval_size": eval_size,
+            "metrics": _finite(metrics),
+            "delta": str(out_dir / "delta"),
+        }
+        (tmp / "unlearn.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+        if json_out:
+            sys.stdout.write(json.dumps(record) + "\n")
+            return
+        out.print(f"{spec.name} on {forget}: {len(split.forget)} forget / {len(split.retain)} retain items, "
+                  f"{result.log['train']['steps']} steps in {result.log['seconds']:.0f}s; delta in {out_dir}/delta")
+        for k in _SUMMARY_KEYS:
+            if k in metrics:
+                out.print(f"  {k:28s} {metrics[k]:.4g}")
+
+    @app.command("unlearn-retain")
+    def unlearn_retain_cmd(
+        split: str = typer.Option("forget10", "--split", help="forget01, forget05 or forget10."),
+        arch: str = typer.Option("gpt2", "--arch", help="gpt2 or llama."),
+        out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write it (default: the kedit cache)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the recipe's 20 epochs (experiments)."),
+        json_out: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Train the retain model of a testbed split: the testbed recipe without the forget persons (about 20
+        minutes per model on one CPU core)."""
+        from kedit.cli_common import fail, out, progress_bars
+        from kedit.unlearn.retain_model import build_retain_model
+
+        try:
+            with progress_bars(not json_out) as bar:
+                path = build_retain_model(split, arch, out_dir, epochs=epochs,
+                                          progress=(lambda d, t: bar("training", d, t)) if bar else None)
+        except ValueError as e:
+            fail(str(e))
+            raise
+        record = json.loads((path / "retain.json").read_text(encoding="utf-8"))
+        record["path"] = str(path)
+        if json_out:
+            sys.stdout.write(json.dumps(record) + "\n")
+        else:
+            out.print(f"retain model {split}/{arch} written to {path} ({record['train_seconds']:.0f}s)")

@@ -1,0 +1,258 @@
+"""One unlearning run: train a copy of the model with a registered method and return the change as a kedit
+:class:`~kedit.deltas.EditDelta` (dense for full-weight training, low-rank for LoRA), so it can be saved,
+inspected, applied and reverted bitwise like an edit. The model passed in is left bit-identical: training happens
+on a deep copy, the original serves (frozen) as the reference model where a method needs one, and an interrupted
+run leaves nothing applied.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .methods.base import ForgetRetainData, UnlearnConfig, collate
+from .methods.registry import get_unlearn_method
+from .splits import UnlearnSplit
+
+__all__ = ["UnlearnResult", "make_config", "run_trainer", "unlearn"]
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class UnlearnResult:
+    delta: Any  # kedit.deltas.EditDelta
+    log: dict[str, Any] = field(default_factory=dict)
+
+
+def make_config(method: str, overrides: dict[str, Any] | None = None) -> UnlearnConfig:
+    """The method's config: :class:`UnlearnConfig` defaults, then the method's, then ``overrides``."""
+    spec = get_unlearn_method(method)
+    return UnlearnConfig().replace(**dict(spec.defaults)).replace(**dict(overrides or {}))
+
+
+def _progress_callback(stage: str, progress: Progress | None, losses: list[float]):
+    from transformers import TrainerCallback
+
+    class _CB(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+        def on_step_end(self, args, state, control, **kw):
+            if progress is not None:
+                progress(stage, state.global_step, state.max_steps)
+
+    return _CB()
+
+
+def run_trainer(
+    trainer_cls: type,
+    student: Any,
+    tok: Any,
+    data: ForgetRetainData,
+    cfg: UnlearnConfig,
+    *,
+    epochs: float,
+    lr: float,
+    stage: str,
+    progress: Progress | None = None,
+    **trainer_kw: Any,
+) -> dict[str, Any]:
+    """Train ``student`` in place with ``trainer_cls`` (a :class:`UnlearnTrainer`); returns a small log."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from kedit.core.batching import device_of, pad_id
+
+    losses: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="kedit-unlearn-") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=cfg.batch_size,
+            num_train_epochs=epochs,
+            max_steps=cfg.max_steps,
+            learning_rate=lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=0,
+            lr_scheduler_type="linear",
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            use_cpu=device_of(student).type == "cpu",
+        )
+        trainer = trainer_cls(
+            model=student,
+            args=args,
+            train_dataset=data,
+            data_collator=collate(pad_id(tok)),
+            unlearn_config=cfg,
+            callbacks=[_progress_callback(stage, progress, losses)],
+            **trainer_kw,
+        )
+        for cb in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(cb)
+        t0 = time.time()
+        out = trainer.train()
+    student.eval()
+    return {"steps": int(out.global_step), "seconds": round(time.time() - t0, 2), "loss": losses}
+
+
+def _embedding_names(model: Any) -> set[str]:
+    """Names of the parameters of the input/output embeddings and of learned position embeddings."""
+    emb = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    out = set()
+    for mod_name, mod in model.named_modules():
+        if id(mod) in emb or isinstance(mod, torch.nn.Embedding):
+            out.update(f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False))
+    return out
+
+
+def _lora_targets(model: Any, cfg: UnlearnConfig) -> list[str]:
+    from kedit.arch import get_adapter
+
+    adapter = get_adapter(model)
+    modules = dict(model.named_modules())
+    if cfg.lora_targets:
+        paths = [n for n in modules if any(n.endswith(t) for t in cfg.lora_targets)]
+        missing = [t for t in cfg.lora_targets if not any(n.endswith(t) for n in modules)]
+        if missing:
+            raise ValueError(f"LoRA target module(s) {missing} do not exist in this model")
+    else:
+        slots = [s for s in ("mlp_in", "mlp_gate", "mlp_out") if getattr(adapter, s, None)]
+        paths = [adapter.path(s, i) for i in range(adapter.num_layers(model)) for s in slots]
+    return paths
+
+
+def unlearn(
+    model: Any,
+    tok: Any,
+    split: UnlearnSplit,
+    method: str = "npo",
+    config: UnlearnConfig | dict[str, Any] | None = None,
+    *,
+    progress: Progress | None = None,
+) -> UnlearnResult:
+    """Unlearn ``split.forget`` from ``model`` with ``method`` and return the delta (the model is not changed).
+
+    ``config``: an :class:`UnlearnConfig` or overrides of the method's defaults. ``progress(stage, step, total)``
+    is called after every optimiser step (stages ``strengthen`` for RKLD's teacher, then ``unlearn``).
+    """
+    from kedit.deltas import DenseUpdate, EditDelta, LowRankUpdate
+    from kedit.fingerprint import model_fingerprint
+    from kedit.methods.ft.objective import keep_grad_flags
+
+    spec = get_unlearn_method(method)
+    cfg = config if isinstance(config, UnlearnConfig) else make_config(spec.name, config)
+    split.check()
+    if cfg.lora and not spec.lora:
+        raise ValueError(f"unlearning method {spec.name!r} has no LoRA variant")
+    base_fp = model_fingerprint(model)
+    data = ForgetRetainData(tok, split.forget, split.retain, seed=cfg.seed, max_length=cfg.max_length)
+    log: dict[str, Any] = {"method": spec.name, "config": cfg.to_dict(), "split": split.name}
+    t0 = time.time()
+    extra_kw: dict[str, Any] = {}
+    with keep_grad_flags(model, freeze=True):
+        if getattr(spec.trainer, "needs_strengthened", False):
+            from .methods.rkld import StrengthenTrainer
+
+            strong = copy.deepcopy(model)
+            for p in strong.parameters():
+                p.requires_grad_(True)
+            log["strengthen"] = run_trainer(
+                StrengthenTrainer, strong, tok, data, cfg, epochs=cfg.strengthen_epochs, lr=cfg.strengthen_lr,
+                stage="strengthen", progress=progress,
+            )
+            extra_kw["strengthened"] = strong
+        student = copy.deepcopy(model)
+        trainable = getattr(spec.trainer, "trainable_parameters", lambda m, c: None)(student, cfg)
+        names = dict(student.named_parameters())
+        if trainable is None and cfg.freeze_embeddings and not cfg.lora:
+            trainable = [n for n in names if n not in _embedding_names(student)]
+        if trainable is not None:
+            unknown = [n for n in trainable if n not in names]
+            if unknown:
+                raise ValueError(f"{spec.name}: parameters {unknown} do not exist in this model")
+        lora_paths: list[str] = []
+        if cfg.lora:
+            import peft
+
+            lora_paths = _lora_targets(student, cfg)
+            from kedit.arch import is_transposed
+
+            lcfg = peft.LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=lora_paths,
+                fan_in_fan_out=all(is_transposed(student.get_submodule(p)) for p in lora_paths),
+                bias="none",
+            )
+            import warnings
+
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                torch.manual_seed(cfg.seed)
+                trained = peft.get_peft_model(student, lcfg)
+        else:
+            for n, p in names.items():
+                p.requires_grad_(trainable is None or n in trainable)
+            trained = student
+        ref = model if spec.trainer.needs_reference else None
+        log["train"] = run_trainer(
+            spec.trainer, trained, tok, data, cfg, epochs=cfg.epochs, lr=cfg.lr, stage="unlearn",
+            progress=progress, ref_model=ref, **extra_kw,
+        )
+        updates = []
+        if cfg.lora:
+            from kedit.methods.lora import lora_factors
+
+            for p, (left, right) in lora_factors(student, lora_paths, "default").items():
+                dev = model.get_submodule(p).weight.device
+                updates.append(LowRankUpdate.from_math(model, f"{p}.weight", left.to(dev), right.to(dev)))
+        else:
+            orig = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, p in student.named_parameters():
+                    if trainable is not None and n not in trainable:
+                        continue
+                    d = p.detach().to(orig[n].device, torch.float32) - orig[n].detach().float()
+                    if bool(d.any()):
+                        updates.append(DenseUpdate(n, d.to(orig[n].dtype) if orig[n].dtype == torch.float64 else d))
+        if not updates:
+            raise RuntimeError(f"{spec.name} changed no parameter (lr {cfg.lr}, {log['train']['steps']} steps)")
+    if model_fingerprint(model) != base_fp:  # pragma: no cover - a bug, not a user error
+        raise RuntimeError("unlearning changed the original model")
+    log["seconds"] = round(time.time() - t0, 2)
+    delta = EditDelta.for_model(
+        model,
+        updates,
+        method=f"unlearn/{spec.name}",
+        config=cfg.to_dict(),
+        meta={
+            "unlearn": {
+                "split": split.name,
+                "forget_items": len(split.forget),
+                "retain_items": len(split.retain),
+                "forget_subjects": list(split.forget_subjects),
+                "lora": cfg.lora,
+                "train": log["train"],
+                "strengthen": log.get("strengthen"),
+            }
+        },
+    )
+    return UnlearnResult(delta, log)
