@@ -12,6 +12,7 @@ from kedit.methods import (
     lora,  # noqa: F401  (registers "lora"; needs the optional peft at compute time)
     memit,  # noqa: F401  (registers "memit" and "memit-blue")
     pmet,  # noqa: F401  (registers "pmet" and "pmet-blue")
+    rls,  # noqa: F401  (registers "rls")
     rome,  # noqa: F401  (registers "rome" and "r-rome")
     wise,  # noqa: F401  (registers "wise")
 )
