@@ -14,6 +14,7 @@ from kedit.methods import (
     pmet,  # noqa: F401  (registers "pmet" and "pmet-blue")
     rls,  # noqa: F401  (registers "rls")
     rome,  # noqa: F401  (registers "rome" and "r-rome")
+    ultraedit,  # noqa: F401  (registers "ultraedit")
     wise,  # noqa: F401  (registers "wise")
 )
 from kedit.methods.registry import MethodSpec, get_method, list_methods, register_method
