@@ -72,14 +72,15 @@ class UltraEditConfig:
 
     Attributes:
         layers: edited layers (their ``mlp_out`` projection); ``None``: :func:`default_layers`.
-        lr: the step of the pseudo values ``v = −lr ‖k̂‖² ĝ``.
+        lr: the step of the pseudo values ``v = −lr ‖k̂‖² ĝ`` (1e-2: on testbed-gpt2, 10 edits of testbed:0-10 in one
+            turn, target-token accuracy 61 % → 82 % at 1e-3, 100 % at 1e-2, 82 % at 3e-2).
         ridge: the ridge of the closed-form solve ``(KᵀK + ridge·I)`` (1 in the reference).
         eps: added to the running standard deviation before dividing.
         batch_size: requests per forward/backward pass (``None``: all at once).
     """
 
     layers: tuple[int, ...] | None = None
-    lr: float = 1e-3
+    lr: float = 1e-2
     ridge: float = 1.0
     eps: float = 1e-6
     batch_size: int | None = None
