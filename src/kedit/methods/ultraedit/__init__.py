@@ -8,7 +8,8 @@ and the gradient ``g = ∂L/∂(output)`` there. Then, per edited layer:
 
 1. **lifelong normalisation**: running per-feature mean and (unbiased) variance of ``z = [k, g]`` over every
    UltraEdit turn so far *and this one* (Chan et al.'s pairwise merge of ``(n, mean, M2)``); ``ẑ = (z − μ)/(σ + ε)``
-   split into ``k̂, ĝ``;
+   split into ``k̂, ĝ`` (with fewer than two rows seen so far -- one single-token edit as the first turn -- there is
+   no spread to divide by and ``ẑ = z``);
 2. **pseudo values** ``v = −lr · ‖k̂‖² · ĝ`` (a normalised gradient step, scaled by the key's normalised energy);
 3. **closed-form ridge** on the raw keys: ``Δ = Vᵀ K (KᵀK + ridge·I)⁻¹`` (``K`` ``[N, d_k]``, ``V`` ``[N, d]``),
    a rank-≤N update stored as low-rank factors.
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 
 from kedit.arch import get_adapter, is_transposed
-from kedit.core.batching import device_of
+from kedit.core.batching import check_conflicts, device_of
 from kedit.core.context import EditContext
 from kedit.core.solve import solve_spd
 from kedit.deltas import EditDelta, LowRankUpdate, applied_deltas
@@ -211,6 +212,7 @@ def compute_ultraedit(
     ctx = ctx or EditContext()
     if not requests:
         raise ValueError("UltraEdit: no requests")
+    check_conflicts(requests, "UltraEdit")
     for name, v in (("lr", config.lr), ("ridge", config.ridge), ("eps", config.eps)):
         if not (v > 0 and v == v and v != float("inf")):
             raise ValueError(f"UltraEdit: {name} must be a finite number > 0, got {v}")
@@ -228,7 +230,8 @@ def compute_ultraedit(
         z = torch.cat([K, G], dim=1).double()
         turn = RunningStats.of(z)
         stats = turn if prev[layer] is None else prev[layer].merge(turn)
-        zh = (z - stats.mean) / (stats.std + config.eps)
+        # fewer than two rows so far: no spread to normalise by (z − μ would be 0), the features are used as they are
+        zh = (z - stats.mean) / (stats.std + config.eps) if stats.n >= 2 else z
         kh, gh = zh[:, :d_k], zh[:, d_k:]
         V = -config.lr * (kh * kh).sum(-1, keepdim=True) * gh  # [N, d]
         K64 = K.double()
