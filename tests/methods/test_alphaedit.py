@@ -19,6 +19,7 @@ from lte_common import (
     ctx,
     math_delta,
     model,
+    second_moment,
     snapshot,
     stages,
     tok,
@@ -193,3 +194,22 @@ def test_alphaedit_key_memo_matches_the_fold_from_scratch():
         for d in reversed(deltas):
             d.revert(m)
     assert previous_key_moments(m, c, LAYERS) == ({l: None for l in LAYERS}, 0)
+
+
+@pytest.mark.parametrize("mode,tau", [("relative", 0.05), ("absolute", 1e-3)])
+def test_alphaedit_update_annihilates_the_preserved_keys_up_to_the_threshold(mode, tau):
+    """Δ = ΔP with P onto the eigenvectors of C below the threshold t (τ, or τ·max for "relative"), so the mean
+    squared change on the preserved keys, tr(Δ C Δᵀ) = E‖Δk‖², is at most t·‖Δ‖²_F -- and it is not zero (the
+    approximate null space is not exact), i.e. the bound is the threshold rule and nothing stronger."""
+    m = model("gpt2")
+    c = ctx()
+    delta = get_method("alphaedit").compute(m, tok(), REQS, config("alphaedit", **{**KW, "nullspace_mode": mode,
+                                                                                 "nullspace_threshold": tau}), c)
+    for layer in LAYERS:
+        C = second_moment(m, c, layer)
+        t = tau * float(torch.linalg.eigvalsh(C).max()) if mode == "relative" else tau
+        D = math_delta(m, delta, layer)
+        moved = float(torch.trace(D @ C @ D.T))
+        assert 0 < moved <= t * float(D.norm()) ** 2 * (1 + 1e-9)
+        # an unprojected update of the same size moves the preserved keys far more
+        assert moved < 0.5 * float(torch.trace(C)) / C.shape[0] * float(D.norm()) ** 2

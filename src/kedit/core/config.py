@@ -72,6 +72,11 @@ class LocateEditConfig:
             10 tokens, plus the plain prompt.
         strategy: ``"spread"`` (the paper: residual spread over ``layers``) or ``"blue"`` (BLUE: only the first and
             last of ``layers``, targets re-optimised at each, undivided residual); see :mod:`kedit.methods.blue`.
+        norm_anchor: Norm-Anchor Scaling (NAS; Liu, Zhu, Miao, Fujisawa, "Norm Anchors Make Model Edits Last",
+            arXiv 2602.02543): rescale each optimised value vector ``z_i`` to the norm of the same request's value
+            on the *original* model (the weights before every delta applied to it), ``z_i ← z_i ‖v0_i^orig‖ /
+            ‖z_i‖``, breaking the feedback loop in which sequential edits grow value and weight norms together.
+            Off by default (the base methods as published); see :func:`kedit.core.walk.anchor_norms`.
         debug: record per-stage ``K``, ``R``, ``Z``, ``H`` and ``v_0`` as JSON lists in ``delta.meta["debug"]``
             (tiny models only: ``(d_k + 4d)·n`` floats per layer).
     """
@@ -86,4 +91,5 @@ class LocateEditConfig:
     mom2_n_tokens: int = 100_000
     context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
     strategy: str = "spread"
+    norm_anchor: bool = False
     debug: bool = False

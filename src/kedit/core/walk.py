@@ -39,7 +39,7 @@ from kedit.core.config import LocateEditConfig, auto_layers, target_config
 from kedit.core.context import EditContext
 from kedit.core.keys import compute_keys, encode_with_subject, gather_at, target_ids
 from kedit.core.targets import Site, TargetConfig, optimize_targets, prompt_text
-from kedit.deltas.ledger import compute_dtype
+from kedit.deltas.ledger import compute_dtype, pristine_weights
 from kedit.hooks import trace
 from kedit.requests import EditRequest
 
@@ -49,6 +49,8 @@ __all__ = [
     "Walk",
     "WalkResult",
     "add_in_place",
+    "anchor_norms",
+    "anchor_targets",
     "covariances",
     "factors_for",
     "group_sizes",
@@ -210,6 +212,25 @@ def site_values(
     return torch.cat(out)
 
 
+def anchor_norms(
+    model: nn.Module, tok, adapter: ArchAdapter, site: Site, requests: Sequence[EditRequest]
+) -> torch.Tensor:
+    """NAS's reference norms (Liu et al., "Norm Anchors Make Model Edits Last", arXiv 2602.02543): ``‖v0_i‖`` of
+    each request's value at ``site`` (:func:`site_values`) on the **original** model -- every parameter touched by
+    an applied delta swapped back to its rollback-ledger base copy for the forward pass
+    (:func:`kedit.deltas.ledger.pristine_weights`), then restored bitwise. ``[n]`` fp32."""
+    with pristine_weights(model):
+        return site_values(model, tok, adapter, site, requests).norm(dim=-1)
+
+
+def anchor_targets(Z: torch.Tensor, ref: torch.Tensor, name: str = "norm anchor") -> torch.Tensor:
+    """``z_i · ref_i / ‖z_i‖`` (NAS): each target keeps its direction and takes the reference norm."""
+    norms = Z.norm(dim=-1, keepdim=True)
+    if not bool((norms > 0).all()) or not bool(torch.isfinite(norms).all()):
+        raise ValueError(f"{name}: a target value vector has zero or non-finite norm; it cannot be rescaled")
+    return Z * (ref.to(Z.device, Z.dtype)[:, None] / norms)
+
+
 @dataclass
 class Walk:
     """The method-specific parts of a walk.
@@ -256,8 +277,12 @@ def walk_layers(
     ctx: EditContext,
     group_sizes: Sequence[int] | None = None,
     debug: bool = False,
+    norm_anchor: bool = False,
 ) -> WalkResult:
-    """Run ``stages`` (see the module docstring). The model is left bit-identical, whatever happens."""
+    """Run ``stages`` (see the module docstring). The model is left bit-identical, whatever happens.
+
+    ``norm_anchor`` (NAS): every optimised target is rescaled to its request's value norm on the original model
+    (:func:`anchor_norms`, computed for all retargeting stages before any stage touches the weights)."""
     if not stages:
         raise ValueError(f"{walk.name}: no layers to edit")
     if len({s.layer for s in stages}) != len(stages):
@@ -266,6 +291,13 @@ def walk_layers(
         raise ValueError(f"{walk.name}: the first stage must optimise the targets")
     validate_requests(tok, requests, walk.name)
     modules = {s.layer: adapter.module(model, "mlp_out", s.layer) for s in stages}
+    anchors: dict[Site, torch.Tensor] = {}
+    if norm_anchor:
+        for st in stages:
+            if st.retarget:
+                site = walk.value_site(st.target_layer)
+                if site not in anchors:
+                    anchors[site] = anchor_norms(model, tok, adapter, site, requests)
     originals = {layer: m.weight.detach().clone() for layer, m in modules.items()}
     factors: dict[int, Factors] = {}
     target_diag: list[dict[str, Any]] = []
@@ -282,6 +314,8 @@ def walk_layers(
                 with torch.enable_grad():
                     res = optimize_targets(model, tok, adapter, requests, sites, tcfg, templates)
                 Z, init = res.target(vsite), res.init[vsite]
+                if norm_anchor:
+                    Z = anchor_targets(Z, anchors[vsite], f"{walk.name} norm anchor")
                 for i, req in enumerate(requests):
                     target_diag.append(
                         {
@@ -292,6 +326,7 @@ def walk_layers(
                             "steps": int(res.steps[i]),
                             "delta_norm": float(res.delta[vsite][i].norm()),
                             "v0_norm": float(init[i].norm()),
+                            "z_norm": float(Z[i].norm()),
                         }
                     )
             assert Z is not None and vsite is not None and init is not None
@@ -411,6 +446,7 @@ def run_walk(
         ctx=ctx,
         group_sizes=group_sizes(config, ctx),
         debug=config.debug,
+        norm_anchor=bool(getattr(config, "norm_anchor", False)),
     )
 
 

@@ -60,7 +60,7 @@ from kedit.deltas.errors import (
     FingerprintMismatchError,
     NonFiniteDeltaError,
 )
-from kedit.deltas.ledger import RollbackLedger, applied_deltas, rollback_bytes
+from kedit.deltas.ledger import RollbackLedger, applied_deltas, pristine_weights, rollback_bytes
 from kedit.deltas.serialization import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -91,6 +91,7 @@ __all__ = [
     "ParamUpdate",
     "RollbackLedger",
     "applied_deltas",
+    "pristine_weights",
     "kedit_version",
     "load_delta",
     "revert_deltas",

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import uuid
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +60,7 @@ from kedit.fingerprint import tensor_fingerprint
 if TYPE_CHECKING:
     from kedit.deltas.delta import EditDelta
 
-__all__ = ["LEDGER_ATTR", "LedgerEntry", "RollbackLedger", "applied_deltas", "rollback_bytes"]
+__all__ = ["LEDGER_ATTR", "LedgerEntry", "RollbackLedger", "applied_deltas", "pristine_weights", "rollback_bytes"]
 
 #: the attribute of the model object that holds its ledger while at least one delta is applied
 LEDGER_ATTR = "_kedit_rollback_ledger"
@@ -229,3 +231,29 @@ def applied_deltas(model: nn.Module) -> list[EditDelta]:
     """The deltas currently applied to ``model``, oldest first (e.g. AlphaEdit derives its key cache from them)."""
     ledger = RollbackLedger.of(model)
     return [] if ledger is None else [e.delta for e in ledger.entries]
+
+
+@contextmanager
+def pristine_weights(model: nn.Module) -> Iterator[int]:
+    """Inside the ``with``, every parameter touched by a delta applied to ``model`` holds its base copy -- the
+    weights before the first live delta touching it, i.e. the *original* model as far as weight deltas go (side
+    memories are hooks, not parameters, and stay). The current tensors are restored bitwise on exit, whatever
+    happens. Yields the number of parameters swapped (0 when no delta is applied). Used by norm anchoring
+    (:mod:`kedit.core.walk`) to read the original model's value norms without keeping a second model."""
+    ledger = RollbackLedger.of(model)
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        if ledger is not None:
+            with torch.no_grad():
+                for name, chain in ledger.chains.items():
+                    if not chain or name not in chain[0].bases:
+                        continue
+                    p = get_param(model, name)
+                    current = p.detach().clone()
+                    p.copy_(chain[0].bases[name].to(device=p.device, dtype=p.dtype))
+                    swapped.append((p, current))
+        yield len(swapped)
+    finally:
+        with torch.no_grad():
+            for p, current in swapped:
+                p.copy_(current)

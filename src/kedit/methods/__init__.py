@@ -12,7 +12,9 @@ from kedit.methods import (
     lora,  # noqa: F401  (registers "lora"; needs the optional peft at compute time)
     memit,  # noqa: F401  (registers "memit" and "memit-blue")
     pmet,  # noqa: F401  (registers "pmet" and "pmet-blue")
+    rls,  # noqa: F401  (registers "rls")
     rome,  # noqa: F401  (registers "rome" and "r-rome")
+    ultraedit,  # noqa: F401  (registers "ultraedit")
     wise,  # noqa: F401  (registers "wise")
 )
 from kedit.methods.registry import MethodSpec, get_method, list_methods, register_method
