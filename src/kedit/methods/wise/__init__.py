@@ -18,7 +18,7 @@ For each request, one after another, *on the live memory* (the memory, its shard
   1 / (rows that can hold the entry)``);
 * **the loss** (the paper's, plus memory-local replay): the teacher-forced target NLL, plus ``replay_weight`` times
   the NLL of up to ``replay`` earlier edits of the same memory (so a later edit does not overwrite them; an
-  earlier edit of the same prompt is superseded, not replayed), plus the routing margins
+  earlier edit of the same prompt is superseded: only a prompt's newest edit is replayed), plus the routing margins
   ``L_a = mean max(0, Δ_act(x_irr) − α) + max(0, β − Δ_act(x_e)) + mean max(0, γ − (Δ_act(x_e) − Δ_act(x_irr)))
   + mean max(0, β − Δ_act(x_old)) + Σ_{x ∈ {p, p ⊕ t}} max(0, max_{m' ≠ m} Δ_act_m'(x) + γ − Δ_act(x))`` (the last:
   retrieval picks the highest-scoring memory, so the edit's must outscore the others on its own prompt) with ``Δ_act(x) = mean_t ‖a_t ΔW_mᵀ‖`` (``a_t`` the projection's input),
@@ -80,7 +80,9 @@ class WISEConfig:
         alpha, beta, gamma: the routing margins α (irrelevant scores below), β (edit score above), γ (their gap).
         act_ratio: a memory's threshold is ``act_ratio ·`` the smallest score of its edits (``act_ratio``).
         density: TIES trim density (fraction of each shard's entries kept when the shards are merged).
-        edits_per_memory: a side memory takes this many edits, then a new one opens (``save_freq``).
+        edits_per_memory: a new subject's edit opens a new side memory once the newest holds this many edits
+            (``save_freq``); edits of a subject already in a memory always join it. Default 1: one memory per subject (measured
+            on the lifelong testbed stream: 5 and 50 let the edits of one memory overwrite each other).
         n_shards: knowledge shards (random masks) per side memory, merged with TIES (``merge_freq`` analogue).
         replay: earlier edits of the same memory whose NLL is kept in the loss (0: none, the paper's setting).
         replay_weight: weight of their NLL.
@@ -101,7 +103,7 @@ class WISEConfig:
     gamma: float = 10.0
     act_ratio: float = 0.88
     density: float = 0.8
-    edits_per_memory: int = 50
+    edits_per_memory: int = 1
     n_shards: int = 2
     replay: int = 4
     replay_weight: float = 1.0
@@ -247,8 +249,9 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     row[s] = 1.0
 
     # replay: earlier edits of this memory (an earlier edit of the same prompt is superseded, not replayed)
-    old = [state.records[i] for i in _sample([i for i in members if state.records[i].info.get("prompt") != req.text],
-                                             cfg.replay, seed)]
+    latest = {state.records[i].info.get("prompt"): i for i in members}  # a re-edited prompt: its newest edit only
+    live = [i for p, i in latest.items() if p != req.text]
+    old = [state.records[i] for i in _sample(sorted(live, key=members.index), cfg.replay, seed)]
     seqs = [(ids, len(prompt), tgt)]
     for r in old:
         toks, n_p = list(r.info["tokens"]), int(r.info["n_prompt"])
