@@ -71,7 +71,7 @@ def test_npo_value_at_reference_and_gradient_ascent_limit():
     nll, n = sequence_nll(logits, labels)
     ref = (-nll).detach()
     beta = 0.1
-    assert float(npo_loss(-nll, ref, beta)) == pytest.approx(2 / beta * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+    assert float(npo_loss(-nll, ref, beta).detach()) == pytest.approx(2 / beta * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
     # β → 0: ∇ NPO → ∇ mean log π_θ (gradient ascent on the sequence likelihood, i.e. ∇ of −mean NLL_seq)
     shifted = ref - 3.0  # away from the reference, so the limit is not trivially at σ(0)
     g_npo = torch.autograd.grad(npo_loss(-nll, shifted, 1e-4), logits, retain_graph=True)[0]
