@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fluency-tokens", type=int, default=0, help="0 (default) skips fluency generation")
     ap.add_argument("--settings", choices=("preset", "paper"), default="preset",
                     help="preset: the testbed presets (tuned); paper: the same presets with the scale-free knobs of "
-                         "the target optimiser (%s) taken from what kedit uses for GPT-J-6B, the model every "
-                         "locate-then-edit paper's code covers; methods without a v* optimiser are skipped"
-                         % ", ".join(PAPER_KNOBS))
+                         f"the target optimiser ({', '.join(PAPER_KNOBS)}) taken from what kedit uses for GPT-J-6B, "
+                         "the model every locate-then-edit paper's code covers; methods without a v* optimiser are "
+                         "skipped")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
