@@ -365,13 +365,13 @@ class SideMemory(MemoryState):
         if not bool(go.any()):
             return None  # the main memory: the module's own output, untouched
         pos = {m: j for j, m in enumerate(order)}
-        sel = torch.tensor([pos.get(int(m), 0) for m in chosen[go].tolist()], device=d.device)
-        a = x3[go.to(x3.device)].to(device=d.device, dtype=d.dtype)
-        side = torch.einsum("btk,bok->bto", a, d[sel])
         out3 = output if output.ndim == 3 else output.unsqueeze(0)
         new = out3.clone()
-        rows = go.to(new.device)
-        new[rows] = (out3[rows].to(side.dtype) + side.to(new.device)).to(new.dtype)
+        for m in sorted(set(chosen[go].tolist())):  # one product per memory in use (no per-row copies of ΔW)
+            rows = (chosen == m).to(new.device)
+            a = x3[rows.to(x3.device)].to(device=d.device, dtype=d.dtype)
+            side = a @ d[pos[m]].T
+            new[rows] = (out3[rows].to(side.dtype) + side.to(new.device)).to(new.dtype)
         return new.view_as(output)
 
     # -- installation -------------------------------------------------------------------------------------------
