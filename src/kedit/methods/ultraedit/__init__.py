@@ -17,7 +17,7 @@ and the gradient ``g = ∂L/∂(output)`` there. Then, per edited layer:
 Every edited layer's update comes from the same pass (the reference caches all modules, then edits them).
 
 **Layers** (the paper's choice mapped through :mod:`kedit.arch`): the reference edits the MLP output projections
-of two layers just below the top for Mistral-7B (``down_proj`` 29, 30 of 32) and GPT-J on FEVER (``fc_out`` 25,
+of two layers just below the top for Mistral-7B (layers 29, 30 of 32) and GPT-J on FEVER (layers 25,
 26 of 28); the default here is the same place on any depth: ``mlp_out`` of layers ``L−3`` and ``L−2``.
 
 **State**: the running statistics are edit state. Each delta carries this turn's own ``(n, mean, M2)`` per layer in
