@@ -263,7 +263,6 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     rows_i = torch.cat([torch.full((len(q[2]),), j) for j, q in enumerate(seqs)]).to(device)
     pos_i = torch.cat([torch.arange(q[1] - 1, q[1] - 1 + len(q[2])) for q in seqs]).to(device)
     labels = torch.tensor([t for q in seqs for t in q[2]], device=device)
-    seq_of = rows_i
 
     old_acts = [(r.key.view(int(r.info["n_tokens"]), d_in).to(device, cdt), int(r.info["n_prompt"])) for r in old]
     others = [i for i in state.records if state.memory_of(i) != m]
@@ -309,8 +308,8 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
         with _side(module, lambda d=d: d):
             logits = model(input_ids=x, attention_mask=att).logits[rows_i, pos_i].float()
         tok_nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-        per_seq = torch.zeros(len(seqs), device=device).index_add(0, seq_of, tok_nll) / torch.bincount(
-            seq_of, minlength=len(seqs)).to(tok_nll.dtype)
+        per_seq = torch.zeros(len(seqs), device=device).index_add(0, rows_i, tok_nll) / torch.bincount(
+            rows_i, minlength=len(seqs)).to(tok_nll.dtype)
         nll = per_seq[0] + (cfg.replay_weight * per_seq[1:].mean() if len(seqs) > 1 else 0.0)
         s_e, s_irr, s_old = scores(d)
         margin = (torch.relu(s_irr - cfg.alpha).mean() + torch.relu(cfg.beta - s_e)
