@@ -2,9 +2,12 @@
 and layer-wise coefficients ``α_l`` (Song et al., arXiv 2501.13669, "hierarchical layer-wise and element-wise
 regularization"). The paper balances the two terms dynamically; its exact rule is not given, so the modes are:
 
-* ``dynamic`` (default of SI): per step ``α_l = L_l / Σ_l' L_l'`` and ``λ_t = weight · L_CE / Σ_l α_l L_l`` (both
-  detached), so the penalty equals ``weight × L_CE`` at every step and its share of each layer follows how far that
-  layer has drifted;
+* ``dynamic`` (default of SI): per step ``α_l = L_l / Σ_l' L_l'`` (detached: a distribution over the layers that
+  follows how far each layer has drifted from the anchor) and ``λ = weight × (number of layers)``, so equal drift
+  gives the ``none`` penalty and a layer that drifts more is pulled back harder;
+* ``balanced``: ``α_l`` as in ``dynamic`` and ``λ_t = weight · L_CE / Σ_l α_l L_l`` (detached), so the penalty equals
+  ``weight × L_CE`` at every step (SYSTEMS.md §4 option (b)). Its gradient grows like ``1/‖θ − θ*‖`` near the
+  anchor; on the testbed it either pins the adapter (weight ≥ 0.03) or protects nothing (0.01), see docs/finetune.md;
 * ``static``: ``α_l = mean(w over l) / mean over layers of that``, ``λ = weight``;
 * ``none`` (default of EWC): ``α_l = 1``, ``λ = weight`` — plain EWC ``λ Σ F_i (θ_i − θ*_i)²``.
 
@@ -21,7 +24,7 @@ from .importance import Importance
 
 __all__ = ["LAYER_COEFFS", "ImportancePenalty"]
 
-LAYER_COEFFS = ("dynamic", "static", "none")
+LAYER_COEFFS = ("dynamic", "balanced", "static", "none")
 
 
 class ImportancePenalty:
@@ -31,7 +34,7 @@ class ImportancePenalty:
         importance: element weights and anchor, by parameter name.
         layers: the layer (any hashable group key) of every parameter name in ``importance``.
         mode: ``dynamic``, ``static`` or ``none`` (see the module docstring).
-        weight: ``λ`` (static/none) or the penalty-to-CE ratio (dynamic); ``>= 0``.
+        weight: ``λ`` (static/none), ``λ`` per layer (dynamic) or the penalty-to-CE ratio (balanced); ``>= 0``.
     """
 
     def __init__(
@@ -78,15 +81,18 @@ class ImportancePenalty:
             alpha = self.static_alpha
             lam = self.weight
         else:
-            if ce is None:
-                raise ValueError("the dynamic layer coefficients need the step's task loss (ce)")
             with torch.no_grad():
                 total = sum(float(v.detach()) for v in losses.values())
-                if total <= 0.0:  # at the anchor: nothing to balance, the penalty and its gradient are 0
-                    alpha = {g: 1.0 / len(losses) for g in losses}
-                    lam = 0.0
+            if total <= 0.0:  # at the anchor: nothing to balance, the penalty and its gradient are 0
+                alpha = {g: 1.0 / len(losses) for g in losses}
+                lam = 0.0
+            else:
+                alpha = {g: float(v.detach()) / total for g, v in losses.items()}
+                if self.mode == "dynamic":
+                    lam = self.weight * len(losses)
                 else:
-                    alpha = {g: float(v.detach()) / total for g, v in losses.items()}
+                    if ce is None:
+                        raise ValueError("the balanced layer coefficients need the step's task loss (ce)")
                     weighted = sum(alpha[g] * float(v.detach()) for g, v in losses.items())
                     lam = self.weight * float(ce.detach()) / weighted
         self.last_alpha = dict(alpha)
