@@ -33,6 +33,7 @@ from kedit.cli_common import (
     validate_method,
 )
 from kedit.eval.cli import register as register_eval
+from kedit.finetune.cli import register as register_finetune
 from kedit.service.cli import register as register_serve
 from kedit.unlearn.cli import register as register_unlearn
 
@@ -565,6 +566,7 @@ def _register_extensions() -> None:
 register_eval(app)
 register_serve(app)
 register_unlearn(app)
+register_finetune(app)
 
 
 def main() -> None:
