@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 python benchmarks/finetune_forgetting.py --extra 'si:{"layer_coeff":"static","weight":30}'
 
 Rows: ``none`` (plain LoRA, the forgetting reference), ``si`` (Synaptic Intelligence + layer-wise coefficients, the
-defaults of ``kedit finetune``), ``ewc`` (EWC-on-LoRA) and any ``--extra`` ``reg:{json overrides}``. Printed per row:
+defaults of ``kedit finetune``), ``ewc`` (EWC-LoRA: full-space Fisher of each adapted weight, the baseline the
+ratios use), ``ewc-ab`` (the naive per-factor EWC on ``A`` and ``B``) and any ``--extra`` ``reg:{json overrides}``. Printed per row:
 time of the importance estimation (SI: the accumulation inside the phase-1 loop; EWC: the Fisher pass), wall time
 of the whole run (phase 1 + importances + phase 2), bytes of the stored state phase 2 needs (importances + anchor),
 old-world recall after (forgetting = before − after) and new-fact recall (phase-2 learning); then the ratios SI /
@@ -39,7 +40,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     common = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    rows_spec = [("none", {}), ("si", {}), ("ewc", {})]
+    rows_spec = [("none", {}), ("si", {}), ("ewc", {}), ("ewc-ab", {})]
     for e in args.extra:
         reg, _, js = e.partition(":")
         rows_spec.append((reg, json.loads(js) if js else {}))

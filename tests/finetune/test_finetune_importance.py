@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kedit.finetune import Importance, ImportancePenalty, SIAccumulator, fisher_diagonal
+from kedit.finetune.importance import LoraView, fisher_full_space, lora_deltas
 
 
 def _sgd_on_quadratic(h, c, theta0, lr, steps, frozen=None):
@@ -163,6 +164,73 @@ def test_fisher_is_the_mean_squared_per_sample_gradient():
     with torch.no_grad():
         per = torch.stack([(2 * (lin(b["x"]) - b["y"]) * b["x"]).squeeze(0) for b in xs])
     torch.testing.assert_close(imp.weights["weight"].squeeze(0).double(), per.square().mean(0))
-    assert imp.kind == "ewc" and imp.nbytes() == 3 * 4 + 3 * 8  # float32 Fisher + float64 anchor
+    assert imp.kind == "ewc-ab" and imp.nbytes() == 3 * 4 + 3 * 8  # float32 Fisher + float64 anchor
     with pytest.raises(ValueError, match="at least one sample"):
         fisher_diagonal(lin, list(lin.named_parameters()), [], loss)
+
+
+class _LowRank(torch.nn.Module):
+    """``y = (W + s·B A) x`` with a frozen ``W`` stored ``[in, out]`` (as GPT-2's Conv1D) when ``transposed``."""
+
+    def __init__(self, transposed: bool) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.transposed = transposed
+        w = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        self.W = torch.nn.Parameter(w.t().contiguous() if transposed else w, requires_grad=False)
+        self.A = torch.nn.Parameter(torch.randn(2, 3, generator=g, dtype=torch.float64))
+        self.B = torch.nn.Parameter(torch.randn(4, 2, generator=g, dtype=torch.float64))
+
+    def weight(self) -> torch.Tensor:
+        w = self.W.t() if self.transposed else self.W
+        return w + 0.5 * self.B @ self.A
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight().t()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_full_space_fisher_is_the_mean_squared_gradient_of_the_whole_weight(transposed):
+    """EWC-LoRA: F_W = mean (∂ℓ/∂W)² over [out, in] (closed form 2 (y − t) xᵀ), the base weight's grad flag is
+    restored, and the penalty on ΔW = s·B A vanishes with its gradient at the anchor and equals Σ F (ΔW − ΔW*)²."""
+    torch.manual_seed(0)
+    m = _LowRank(transposed)
+    xs = [
+        {"x": torch.randn(1, 3, dtype=torch.float64), "y": torch.randn(1, 4, dtype=torch.float64)}
+        for _ in range(5)
+    ]
+
+    def loss(mod, b):
+        return (mod(b["x"]) - b["y"]).square().sum()
+
+    params = {"A": m.A, "B": m.B}
+    views = {"lin": LoraView("A", "B", 0.5, transposed)}
+    imp = fisher_full_space(m, {"lin": m.W}, views, params, xs, loss)
+    with torch.no_grad():
+        per = torch.stack([2 * (m(b["x"]) - b["y"]).t() @ b["x"] for b in xs])  # [n, out, in]
+    torch.testing.assert_close(imp.weights["lin"].double(), per.square().mean(0), rtol=1e-6, atol=1e-9)
+    assert imp.weights["lin"].shape == (4, 3) and imp.kind == "ewc"
+    assert not m.W.requires_grad and m.W.grad is None
+    assert imp.nbytes() == 12 * 4 + (6 + 8) * 8  # full-size float32 Fisher + the float64 factors
+
+    pen = ImportancePenalty(imp, {"lin": 0}, "none", 3.0, view=lambda ps: lora_deltas(views, ps))
+    at = pen(params)
+    at.backward()
+    assert (
+        float(at.detach()) == 0.0
+        and float(m.A.grad.abs().max()) == 0.0
+        and float(m.B.grad.abs().max()) == 0.0
+    )
+    with torch.no_grad():
+        m.A.add_(0.1)
+    m.A.grad = m.B.grad = None
+    got = pen(params)
+    got.backward()
+    a_star, b_star = imp.anchor["A"], imp.anchor["B"]
+    A = m.A.detach().clone().requires_grad_(True)
+    want = 3.0 * (imp.weights["lin"] * (0.5 * m.B.detach() @ A - 0.5 * b_star @ a_star).square()).sum()
+    want.backward()
+    torch.testing.assert_close(got.detach(), want.detach())
+    torch.testing.assert_close(m.A.grad, A.grad)
+    with pytest.raises(ValueError, match="no base weight"):
+        fisher_full_space(m, {}, views, params, xs, loss)

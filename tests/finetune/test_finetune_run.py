@@ -44,7 +44,7 @@ def test_new_domain_is_deterministic_and_new():
         new_domain(world, 0)
 
 
-@pytest.mark.parametrize("reg", ["si", "ewc", "none"])
+@pytest.mark.parametrize("reg", ["si", "ewc", "ewc-ab", "none"])
 def test_every_regulariser_gives_a_delta_that_reverts_bitwise(gpt2, data, reg, tmp_path):
     model, tok = gpt2
     _, p1, p2 = data
@@ -60,7 +60,11 @@ def test_every_regulariser_gives_a_delta_that_reverts_bitwise(gpt2, data, reg, t
         imp = res.importance
         assert imp.kind == reg and res.log["importance"]["state_bytes"] == imp.nbytes()
         n = res.log["lora_parameters"]
-        assert sum(w.numel() for w in imp.weights.values()) == n and imp.nbytes() == 2 * 4 * n
+        if reg == "ewc":  # EWC-LoRA: one full-size Fisher per adapted matrix, the LoRA factors as the anchor
+            full = sum(model.get_submodule(p).weight.numel() for p in imp.weights)
+            assert sum(w.numel() for w in imp.weights.values()) == full > n and imp.nbytes() == 4 * (full + n)
+        else:
+            assert sum(w.numel() for w in imp.weights.values()) == n and imp.nbytes() == 2 * 4 * n
         assert all(bool((w >= 0).all()) for w in imp.weights.values())
     if reg == "si":
         assert set(res.log["layer_coefficients"]) == {str(i) for i in range(6)}

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         regularize: str = typer.Option(
             "si",
             "--regularize",
-            help="si (Synaptic Intelligence, layer-wise coefficients), ewc (EWC-on-LoRA) or none.",
+            help="si (Synaptic Intelligence, layer-wise coefficients), ewc (EWC-LoRA: full-space Fisher of the adapted weights), ewc-ab (a Fisher per LoRA factor) or none.",
         ),
         out_dir: Path = typer.Option(
             ..., "--out", help="Directory for the delta and finetune.json (new or empty)."

@@ -8,17 +8,22 @@ and one fused multiply-add per parameter per step, and no extra forward or backw
 
 EWC (Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017): ``F_i = E_x[(∂ℓ(x)/∂θ_i)²]``,
 the mean over samples of the squared per-sample gradient of the loss, one backward pass per sample.
+
+EWC-LoRA (Zheng et al., "Revisiting Weight Regularization for Low-Rank Continual Learning", ICLR 2026): the Fisher is
+estimated in the full-dimensional space of each adapted weight, ``F_W = E_x[(∂ℓ(x)/∂W)²]`` (``[out, in]`` per
+adapted matrix), and the penalty pulls the low-rank update ``ΔW = s·B A`` towards the anchor's, not ``A`` and ``B``
+one by one (which ignores how they interact). Its state is one full-size Fisher per adapted matrix.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Importance", "SIAccumulator", "fisher_diagonal"]
+__all__ = ["Importance", "LoraView", "SIAccumulator", "fisher_diagonal", "fisher_full_space"]
 
 
 @dataclass
@@ -27,7 +32,7 @@ class Importance:
 
     weights: dict[str, torch.Tensor]
     anchor: dict[str, torch.Tensor]
-    kind: str  # "si" or "ewc"
+    kind: str  # "si", "ewc" (full-space, EWC-LoRA) or "ewc-ab" (per LoRA factor)
     seconds: float = 0.0  # time spent computing the importances (accumulation or the extra pass)
 
     def nbytes(self) -> int:
@@ -121,4 +126,71 @@ def fisher_diagonal(
     for f in fisher.values():
         f.div_(len(samples))
     anchor = {n: p.detach().clone() for n, p in params.items()}
-    return Importance(fisher, anchor, "ewc", seconds=time.perf_counter() - t0)
+    return Importance(fisher, anchor, "ewc-ab", seconds=time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class LoraView:
+    """Where one adapted matrix's LoRA factors live: ``ΔW = scale · B A`` in math orientation ``[out, in]``."""
+
+    a_name: str  # parameter name of ``A`` ([r, in])
+    b_name: str  # parameter name of ``B`` ([out, r])
+    scale: float
+    transposed: bool  # the base weight is stored ``[in, out]`` (GPT-2's Conv1D)
+
+    def delta(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.scale * (params[self.b_name] @ params[self.a_name])
+
+
+def lora_deltas(views: Mapping[str, LoraView], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{module path: ΔW}`` of every adapted matrix (differentiable in ``params``)."""
+    return {path: v.delta(params) for path, v in views.items()}
+
+
+def fisher_full_space(
+    model: torch.nn.Module,
+    base_weights: Mapping[str, torch.Tensor],
+    views: Mapping[str, LoraView],
+    params: Mapping[str, torch.Tensor],
+    samples: Sequence[dict[str, torch.Tensor]],
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Importance:
+    """EWC-LoRA's Fisher: ``F_W = mean_x (∂ℓ(x)/∂W)²`` of every adapted base weight ``W`` (``base_weights``, by module
+    path; math orientation ``[out, in]``), one backward pass per sample. The base weights get a gradient only for
+    this pass (their ``requires_grad`` is restored). The anchor is the LoRA factors (``params``) at this point, so
+    the stored state is the full-size Fisher plus the factors."""
+    if not samples:
+        raise ValueError("the Fisher pass needs at least one sample")
+    missing = sorted(set(views) - set(base_weights))
+    if missing:
+        raise ValueError(f"no base weight given for adapted module(s) {missing[:3]}")
+    t0 = time.perf_counter()
+    flags = {p: w.requires_grad for p, w in base_weights.items()}
+    fisher = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in base_weights.items()}
+    try:
+        for w in base_weights.values():
+            w.requires_grad_(True)
+        for i, batch in enumerate(samples):
+            model.zero_grad(set_to_none=True)
+            for w in base_weights.values():
+                w.grad = None
+            loss_fn(model, batch).backward()
+            with torch.no_grad():
+                for p, w in base_weights.items():
+                    if w.grad is not None:
+                        fisher[p].add_(w.grad.float().square())
+            if progress is not None:
+                progress(i + 1, len(samples))
+    finally:
+        for p, w in base_weights.items():
+            w.grad = None
+            w.requires_grad_(flags[p])
+        model.zero_grad(set_to_none=True)
+    weights = {}
+    for p, f in fisher.items():
+        f.div_(len(samples))
+        weights[p] = f.t().contiguous() if views[p].transposed else f
+    anchor = {n: t.detach().clone() for n, t in params.items()}
+    return Importance(weights, anchor, "ewc", seconds=time.perf_counter() - t0)

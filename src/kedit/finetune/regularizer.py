@@ -11,12 +11,13 @@ regularization"). The paper balances the two terms dynamically; its exact rule i
 * ``static``: ``α_l = mean(w over l) / mean over layers of that``, ``λ = weight``;
 * ``none`` (default of EWC): ``α_l = 1``, ``λ = weight`` — plain EWC ``λ Σ F_i (θ_i − θ*_i)²``.
 
-``L_l = Σ_{i∈l} w_i (θ_i − θ*_i)²``. At ``θ = θ*`` the penalty and its gradient are exactly zero in every mode.
+``L_l = Σ_{i∈l} w_i (θ_i − θ*_i)²``. With a ``view`` (EWC-LoRA) the elements are those of the views' tensors, e.g.
+each adapted matrix's ``ΔW = s·B A``: ``L_l = Σ_{W∈l} Σ F_W ⊙ (ΔW − ΔW*)²``. At ``θ = θ*`` the penalty and its gradient are exactly zero in every mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -35,10 +36,17 @@ class ImportancePenalty:
         layers: the layer (any hashable group key) of every parameter name in ``importance``.
         mode: ``dynamic``, ``static`` or ``none`` (see the module docstring).
         weight: ``λ`` (static/none), ``λ`` per layer (dynamic) or the penalty-to-CE ratio (balanced); ``>= 0``.
+        view: maps the trained parameters to the tensors the weights are about (keyed like ``importance.weights``);
+            ``None``: the parameters themselves.
     """
 
     def __init__(
-        self, importance: Importance, layers: Mapping[str, object], mode: str = "dynamic", weight: float = 1.0
+        self,
+        importance: Importance,
+        layers: Mapping[str, object],
+        mode: str = "dynamic",
+        weight: float = 1.0,
+        view: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         if mode not in LAYER_COEFFS:
             raise ValueError(f"unknown layer coefficient mode {mode!r}; expected one of {LAYER_COEFFS}")
@@ -48,6 +56,12 @@ class ImportancePenalty:
         if missing:
             raise ValueError(f"no layer given for parameter(s) {missing[:3]}")
         self.importance = importance
+        self.view = view
+        with torch.no_grad():
+            self.anchor = dict(view(importance.anchor)) if view is not None else importance.anchor
+        missing = sorted(set(importance.weights) - set(self.anchor))
+        if missing:
+            raise ValueError(f"no anchor value for weighted tensor(s) {missing[:3]}")
         self.mode = mode
         self.weight = float(weight)
         self.groups: dict[object, list[str]] = {}
@@ -65,10 +79,11 @@ class ImportancePenalty:
 
     def layer_losses(self, params: Mapping[str, torch.Tensor]) -> dict[object, torch.Tensor]:
         """``L_l = Σ_{i∈l} w_i (θ_i − θ*_i)²`` per layer (differentiable in ``params``)."""
-        w, a = self.importance.weights, self.importance.anchor
+        w, a = self.importance.weights, self.anchor
+        cur = self.view(params) if self.view is not None else params
         out = {}
         for g, names in self.groups.items():
-            out[g] = sum((w[n] * (params[n] - a[n]).square()).sum() for n in names)
+            out[g] = sum((w[n] * (cur[n] - a[n]).square()).sum() for n in names)
         return out
 
     def __call__(self, params: Mapping[str, torch.Tensor], ce: torch.Tensor | None = None) -> torch.Tensor:

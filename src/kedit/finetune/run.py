@@ -2,7 +2,9 @@
 
 1. the general task (phase 1): LoRA training on text the model already knows; with ``regularize="si"`` the
    Synaptic-Intelligence path integral is accumulated inside the loop;
-2. ``regularize="ewc"`` then runs the extra Fisher pass at the phase-1 end point (EWC-on-LoRA);
+2. ``regularize="ewc"`` then runs the extra Fisher pass at the phase-1 end point: EWC-LoRA (Zheng et al., ICLR 2026),
+   the Fisher of every adapted weight in its full ``[out, in]`` space and a pull of ``ΔW = s·B A`` towards the
+   anchor's; ``regularize="ewc-ab"`` is the naive form (a Fisher per LoRA factor ``A`` and ``B``);
 3. the domain (phase 2): LoRA training on the new text plus the importance penalty towards the phase-1 adapter
    (:class:`~kedit.finetune.regularizer.ImportancePenalty`), none with ``regularize="none"``.
 
@@ -24,14 +26,14 @@ from typing import Any
 
 import torch
 
-from .importance import Importance, SIAccumulator, fisher_diagonal
+from .importance import Importance, LoraView, SIAccumulator, fisher_diagonal, fisher_full_space, lora_deltas
 from .regularizer import LAYER_COEFFS, ImportancePenalty
 
 __all__ = ["REGULARIZERS", "FinetuneConfig", "FinetuneResult", "finetune", "measure_recall"]
 
 logger = logging.getLogger(__name__)
 
-REGULARIZERS = ("si", "ewc", "none")
+REGULARIZERS = ("si", "ewc", "ewc-ab", "none")
 Progress = Callable[[str, int, int], None]
 
 
@@ -59,7 +61,7 @@ class FinetuneConfig:
     seed: int = 0
 
     #: the method defaults of ``weight`` and ``layer_coeff``
-    DEFAULTS = {"si": (10.0, "dynamic"), "ewc": (1e4, "none"), "none": (0.0, "none")}
+    DEFAULTS = {"si": (10.0, "dynamic"), "ewc": (1e4, "none"), "ewc-ab": (1e4, "none"), "none": (0.0, "none")}
 
     def resolved(self) -> FinetuneConfig:
         if self.regularize not in REGULARIZERS:
@@ -286,19 +288,32 @@ def finetune(
         importance: Importance | None = None
         if si is not None:
             importance = si.finish()
-        elif cfg.regularize == "ewc":
+        views: dict[str, LoraView] = {}
+        if cfg.regularize in ("ewc", "ewc-ab"):
             rng = random.Random(cfg.seed + 1)
             pick = rng.sample(rows1, min(cfg.fisher_samples, len(rows1)))
             from kedit.core.batching import device_of
 
             dev = device_of(trained)
-            importance = fisher_diagonal(
-                trained,
-                list(params.items()),
-                [_batch([r], pad, dev) for r in pick],
-                _lm_loss,
-                progress=(lambda d, t: progress("fisher", d, t)) if progress else None,
-            )
+            samples = [_batch([r], pad, dev) for r in pick]
+            fisher_progress = (lambda d, t: progress("fisher", d, t)) if progress else None
+            if cfg.regularize == "ewc-ab":
+                importance = fisher_diagonal(
+                    trained, list(params.items()), samples, _lm_loss, progress=fisher_progress
+                )
+            else:
+                base = {}
+                for p in paths:
+                    layer = student.get_submodule(p)
+                    a = next(n for n in params if n.endswith(f".{p}.lora_A.default.weight"))
+                    b = next(n for n in params if n.endswith(f".{p}.lora_B.default.weight"))
+                    base[p] = layer.get_base_layer().weight
+                    views[p] = LoraView(
+                        a, b, float(layer.scaling["default"]), is_transposed(layer.get_base_layer())
+                    )
+                importance = fisher_full_space(
+                    trained, base, views, params, samples, _lm_loss, progress=fisher_progress
+                )
         penalty = None
         if importance is not None:
             log["importance"] = {
@@ -311,7 +326,16 @@ def finetune(
                     torch.cat([(w == 0).flatten() for w in importance.weights.values()]).float().mean()
                 ),
             }
-            penalty = ImportancePenalty(importance, layers, cfg.layer_coeff, cfg.weight)
+            if views:
+                penalty = ImportancePenalty(
+                    importance,
+                    {p: paths[p] for p in views},
+                    cfg.layer_coeff,
+                    cfg.weight,
+                    view=lambda ps: lora_deltas(views, ps),
+                )
+            else:
+                penalty = ImportancePenalty(importance, layers, cfg.layer_coeff, cfg.weight)
         log["phase2"] = _train(
             trained,
             params,
