@@ -43,7 +43,7 @@ def test_scope_split_is_private_vs_public_facts_of_the_same_persons():
 
 
 def _one_by_one(model, tok, items):
-    correct = count = 0
+    correct = count = first = 0
     logp = 0.0
     for it in items:
         q = tok(it.question)["input_ids"]
@@ -54,9 +54,10 @@ def _one_by_one(model, tok, items):
         for t, y in enumerate(a[: len(seq) - len(q)]):
             row = lg[len(q) - 1 + t]
             correct += int(int(row.argmax()) == y)
+            first += int(int(row.argmax()) == y) if t == 0 else 0
             logp += float(row[y])
             count += 1
-    return correct / count, math.exp(-logp / count)
+    return correct / count, math.exp(-logp / count), first / len(items)
 
 
 def test_scope_metrics_equal_a_one_item_at_a_time_recomputation(gpt2):
@@ -64,8 +65,9 @@ def test_scope_metrics_equal_a_one_item_at_a_time_recomputation(gpt2):
     sp = make_scope_split("privacy01")
     for items in (sp.forget, sp.retain, sp.extra["world"][:7]):
         m = scope_metrics(model, tok, items, batch_size=4)
-        acc, ppl = _one_by_one(model, tok, items)
+        acc, ppl, first = _one_by_one(model, tok, items)
         assert m["token_accuracy"] == pytest.approx(acc, abs=1e-12)
+        assert m["first_token_accuracy"] == pytest.approx(first, abs=1e-12)
         assert m["perplexity"] == pytest.approx(ppl, rel=1e-4)
     assert scope_metrics(model, tok, sp.retain)["token_accuracy"] > 0.5  # the trained model knows its public facts
     with pytest.raises(ValueError, match="empty scope"):
@@ -80,7 +82,7 @@ def test_scope_metrics_on_the_knowundo_format(gpt2):
     for items in sp.scopes.values():
         m = scope_metrics(model, tok, items)
         assert 0.0 <= m["token_accuracy"] <= 1.0 and m["perplexity"] > 1.0 and m["tokens"] > 10
-        acc, ppl = _one_by_one(model, tok, items)
+        acc, ppl, _ = _one_by_one(model, tok, items)
         assert m["token_accuracy"] == pytest.approx(acc) and m["perplexity"] == pytest.approx(ppl, rel=1e-4)
 
 

@@ -103,6 +103,7 @@ def scope_summary(model: Any, tok: Any, split: UnlearnSplit, *, batch_size: int 
             m = scope_metrics(model, tok, items, batch_size=batch_size)
             out[f"{name}_token_accuracy"] = m["token_accuracy"]
             out[f"{name}_perplexity"] = m["perplexity"]
+            out[f"{name}_first_token_accuracy"] = m["first_token_accuracy"]
     return out
 
 
