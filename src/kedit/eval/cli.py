@@ -252,9 +252,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare result directories: a methods × metrics table (terminal + Markdown) and PNG plots."""
         from kedit.eval.report import PlotsUnavailableError, format_cell, write_report
+        from kedit.unlearn.report import is_unlearn_run, write_unlearn_report
 
         try:
-            rep = write_report(dirs, report_dir, columns=metrics or None, plots=plots)
+            if dirs and all(is_unlearn_run(d) for d in dirs):  # `kedit unlearn` runs: FQ vs MU scatter
+                rep = write_unlearn_report(dirs, report_dir, plots=plots)
+                rep["rows"] = [{"label": r["label"], "metrics": {c: {"mean": v} for c, v in r["metrics"].items()}}
+                               for r in rep["rows"]]
+            else:
+                rep = write_report(dirs, report_dir, columns=metrics or None, plots=plots)
         except (FileNotFoundError, ValueError, KeyError) as e:
             fail(str(e))
             return

@@ -14,6 +14,11 @@ import typer
 __all__ = ["register"]
 
 _SUMMARY_KEYS = (
+    "unlearn_token_accuracy",
+    "retention_token_accuracy",
+    "retention_accuracy_kept",
+    "unlearn_perplexity",
+    "retention_perplexity",
     "forget_quality",
     "model_utility",
     "retain_model_utility",
@@ -47,7 +52,9 @@ def _reference_model(model: str, spec: str, retain_model: Optional[Path], tok: A
         ref, rtok = load_or_fail(str(retain_model))
         _check_tokenizers(tok, rtok, f"retain model {retain_model}")
         return ref, str(retain_model)
-    if spec.startswith("testbed:") and model in TESTBED_MODELS:
+    from kedit.unlearn.splits import FORGET_SPLITS
+
+    if spec.startswith("testbed:") and spec.split(":", 1)[1] in FORGET_SPLITS and model in TESTBED_MODELS:
         from kedit.unlearn.retain_model import load_retain_model
 
         try:
@@ -64,9 +71,9 @@ def register(app: typer.Typer) -> None:
     @app.command("unlearn")
     def unlearn_cmd(
         model: str = typer.Option(..., "--model", help="Model name or directory (testbed-gpt2, testbed-llama, ...)."),
-        method: str = typer.Option("npo", "--method", help="grad_ascent, grad_diff, npo, simnpo, rmu or rkld."),
-        forget: str = typer.Option(..., "--forget", help="testbed:forget01|forget05|forget10, or a TOFU / KnowUnDo "
-                                   "forget file."),
+        method: str = typer.Option("npo", "--method", help="grad_ascent, grad_diff, npo, simnpo, rmu, rkld or memflex."),
+        forget: str = typer.Option(..., "--forget", help="testbed:forget01|forget05|forget10, testbed:privacy01|"
+                                   "privacy05|privacy10 (KnowUnDo scopes), or a TOFU / KnowUnDo forget file."),
         retain: Optional[Path] = typer.Option(None, "--retain", help="Retain file for a TOFU / KnowUnDo forget file."),
         out_dir: Path = typer.Option(..., "--out", help="Directory for the delta and unlearn.json (new or empty)."),
         retain_model: Optional[Path] = typer.Option(
@@ -91,7 +98,7 @@ def register(app: typer.Typer) -> None:
             parse_sets,
             progress_bars,
         )
-        from kedit.unlearn.evaluate import PROTOCOL_ID, evaluate_model, reference_from
+        from kedit.unlearn.evaluate import PROTOCOL_ID, evaluate_model, reference_from, scope_summary
         from kedit.unlearn.loaders import load_forget_spec
         from kedit.unlearn.methods.registry import get_unlearn_method
         from kedit.unlearn.run import make_config, unlearn
@@ -110,7 +117,7 @@ def register(app: typer.Typer) -> None:
             raise
         m, tok = load_or_fail(model, **check_model_available(model))
         reference = None if no_eval else _reference_model(model, forget, retain_model, tok)
-        if reference is None and not no_eval:
+        if reference is None and not no_eval and not split.scopes:
             err.print("no retain model: forget quality is not measured (give --retain-model)", style="yellow")
         try:
             with progress_bars(not json_out) as bar:
@@ -122,9 +129,15 @@ def register(app: typer.Typer) -> None:
         metrics: dict[str, Any] = {}
         if not no_eval:
             with err.status("measuring unlearn/v1"):
+                before = scope_summary(m, tok, split)  # KnowUnDo scopes: the pre-unlearning values
                 ref_scores = reference_from(reference[0], tok, split, max_items=eval_size) if reference else None
                 with result.delta.applied(m):
                     metrics = evaluate_model(m, tok, split, ref_scores, max_items=eval_size)
+            metrics.update({f"{k}_before": v for k, v in before.items()})
+            if before.get("retention_token_accuracy"):
+                metrics["retention_accuracy_kept"] = (
+                    metrics["retention_token_accuracy"] / before["retention_token_accuracy"]
+                )
         tmp = out_dir.with_name(out_dir.name + ".partial")
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -16,10 +16,18 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .metrics import ItemScores, score_items, summarize
+from .metrics import ItemScores, scope_metrics, score_items, summarize
 from .splits import UnlearnSplit
 
-__all__ = ["PROTOCOL_ID", "UTILITY_SETS", "Reference", "evaluate_model", "measure_sets", "reference_from"]
+__all__ = [
+    "PROTOCOL_ID",
+    "UTILITY_SETS",
+    "Reference",
+    "evaluate_model",
+    "measure_sets",
+    "reference_from",
+    "scope_summary",
+]
 
 PROTOCOL_ID = "unlearn/v1"
 UTILITY_SETS = ("retain", "entities", "world")
@@ -86,6 +94,19 @@ def reference_from(
     return Reference(list(scores["forget"].truth_ratio), summary["model_utility"], summary)
 
 
+def scope_summary(model: Any, tok: Any, split: UnlearnSplit, *, batch_size: int = 128) -> dict[str, float]:
+    """``<scope>_token_accuracy`` and ``<scope>_perplexity`` for every KnowUnDo scope of ``split`` (``unlearn``,
+    ``retention``; nothing when the split has no scopes). Scopes are measured whole (no ``max_items`` cap)."""
+    out: dict[str, float] = {}
+    for name, items in sorted(split.scopes.items()):
+        if items:
+            m = scope_metrics(model, tok, items, batch_size=batch_size)
+            out[f"{name}_token_accuracy"] = m["token_accuracy"]
+            out[f"{name}_perplexity"] = m["perplexity"]
+            out[f"{name}_first_token_accuracy"] = m["first_token_accuracy"]
+    return out
+
+
 def evaluate_model(
     model: Any,
     tok: Any,
@@ -98,7 +119,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """The ``unlearn/v1`` metrics of ``model`` on ``split``; with a ``reference`` (the retain model) also
     ``forget_quality``, ``retain_model_utility`` and the retain model's MIA AUCs (``retain_model_mia_*``).
-    ``max_items`` caps every set (see :func:`measure_sets`; give the reference the same cap)."""
+    ``max_items`` caps every set (see :func:`measure_sets`; give the reference the same cap). A split with KnowUnDo
+    scopes adds :func:`scope_summary`'s token accuracy and perplexity per scope."""
     scores = measure_sets(model, tok, split, batch_size=batch_size, max_items=max_items)
     usets = [s for s in UTILITY_SETS if s in scores]
     out = summarize(
@@ -111,6 +133,7 @@ def evaluate_model(
         for k in ("mia_loss_auc", "mia_min_k_plus_plus_auc", "forget_Truth_Ratio", "forget_Q_A_Prob"):
             if k in reference.summary:
                 out[f"retain_model_{k}"] = reference.summary[k]
+    out.update(scope_summary(model, tok, split, batch_size=batch_size))
     if untouched:
         out["untouched_recall"] = _untouched_recall(model, tok, split, batch_size, max_items)
     out["protocol"] = PROTOCOL_ID

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .splits import FORGET_SPLITS, QAItem, UnlearnSplit, testbed_split
+from .splits import FORGET_SPLITS, SCOPE_SPLITS, QAItem, UnlearnSplit, testbed_scope_split, testbed_split
 
 __all__ = ["load_forget_spec", "load_knowundo", "load_tofu", "read_json_records"]
 
@@ -93,14 +93,18 @@ def load_knowundo(path: str | Path, part: str = "val") -> list[QAItem]:
 def load_forget_spec(spec: str, *, retain: str | None = None, seed: int = 0) -> UnlearnSplit:
     """Resolve a ``--forget`` spec into an :class:`UnlearnSplit`.
 
-    ``testbed:forget01|forget05|forget10``: the testbed split. A TOFU file path: its items are the forget set and
+    ``testbed:forget01|forget05|forget10``: the testbed split; ``testbed:privacy01|05|10``: the KnowUnDo-scope
+    split (:func:`~kedit.unlearn.splits.testbed_scope_split`). A TOFU file path: its items are the forget set and
     ``retain`` (a TOFU file) the retain set. A KnowUnDo ``unlearn`` file: likewise with a ``retention`` file. The
     split is checked (:meth:`UnlearnSplit.check`): empty or overlapping sets are refused with counts.
     """
     if spec.startswith("testbed:"):
         name = spec.split(":", 1)[1]
+        if name in SCOPE_SPLITS:
+            return testbed_scope_split(name, seed=seed)
         if name not in FORGET_SPLITS:
-            raise ValueError(f"unknown testbed forget split {name!r}; expected one of {sorted(FORGET_SPLITS)}")
+            known = sorted(FORGET_SPLITS) + sorted(SCOPE_SPLITS)
+            raise ValueError(f"unknown testbed forget split {name!r}; expected one of {known}")
         return testbed_split(name, seed=seed)
     path = Path(spec)
     if not path.exists():
@@ -113,5 +117,7 @@ def load_forget_spec(spec: str, *, retain: str | None = None, seed: int = 0) -> 
     forget = loader(path)
     kept = loader(retain) if retain else []
     split = UnlearnSplit(name=str(path), forget=forget, retain=kept, info={"format": loader.__name__[5:]})
+    if is_knowundo:  # KnowUnDo's two scopes: token accuracy / perplexity on each
+        split.scopes = {"unlearn": forget, "retention": kept} if kept else {"unlearn": forget}
     split.check()
     return split

@@ -21,7 +21,7 @@ from .methods.base import ForgetRetainData, UnlearnConfig, collate
 from .methods.registry import get_unlearn_method
 from .splits import UnlearnSplit
 
-__all__ = ["UnlearnResult", "make_config", "run_trainer", "unlearn"]
+__all__ = ["UnlearnResult", "make_config", "run_trainer", "unlearn", "wrap_lora"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,30 @@ def _lora_targets(model: Any, cfg: UnlearnConfig) -> list[str]:
     return paths
 
 
+def wrap_lora(model: Any, cfg: UnlearnConfig) -> tuple[Any, list[str]]:
+    """``model`` with fresh peft LoRA adapters (rank, alpha and targets from ``cfg``; initialised with ``cfg.seed``)
+    and the module paths they sit on. ``model`` itself is modified (pass a copy)."""
+    import warnings
+
+    import peft
+
+    from kedit.arch import is_transposed
+
+    paths = _lora_targets(model, cfg)
+    lcfg = peft.LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=paths,
+        fan_in_fan_out=all(is_transposed(model.get_submodule(p)) for p in paths),
+        bias="none",
+    )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        torch.manual_seed(cfg.seed)
+        return peft.get_peft_model(model, lcfg), paths
+
+
 def unlearn(
     model: Any,
     tok: Any,
@@ -189,29 +213,14 @@ def unlearn(
                 raise ValueError(f"{spec.name}: parameters {unknown} do not exist in this model")
         lora_paths: list[str] = []
         if cfg.lora:
-            import peft
-
-            lora_paths = _lora_targets(student, cfg)
-            from kedit.arch import is_transposed
-
-            lcfg = peft.LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=0.0,
-                target_modules=lora_paths,
-                fan_in_fan_out=all(is_transposed(student.get_submodule(p)) for p in lora_paths),
-                bias="none",
-            )
-            import warnings
-
-            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-                torch.manual_seed(cfg.seed)
-                trained = peft.get_peft_model(student, lcfg)
+            trained, lora_paths = wrap_lora(student, cfg)
         else:
             for n, p in names.items():
                 p.requires_grad_(trainable is None or n in trainable)
             trained = student
+        prepare = getattr(spec.trainer, "prepare", None)
+        if prepare is not None:  # e.g. MemFlex: localise, then freeze what is not located
+            log["prepare"] = prepare(trained, tok, data, cfg)
         ref = model if spec.trainer.needs_reference else None
         log["train"] = run_trainer(
             spec.trainer, trained, tok, data, cfg, epochs=cfg.epochs, lr=cfg.lr, stage="unlearn",
@@ -222,6 +231,8 @@ def unlearn(
             from kedit.methods.lora import lora_factors
 
             for p, (left, right) in lora_factors(student, lora_paths, "default").items():
+                if not bool(left.any()) or not bool(right.any()):
+                    continue  # an adapter that did not train (B still 0): no change of this weight
                 dev = model.get_submodule(p).weight.device
                 updates.append(LowRankUpdate.from_math(model, f"{p}.weight", left.to(dev), right.to(dev)))
         else:
@@ -252,6 +263,7 @@ def unlearn(
                 "lora": cfg.lora,
                 "train": log["train"],
                 "strengthen": log.get("strengthen"),
+                "located": (log.get("prepare") or {}).get("located"),
             }
         },
     )

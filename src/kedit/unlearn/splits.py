@@ -27,17 +27,27 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "FORGET_SPLITS",
     "PERSON_RELATIONS",
+    "PRIVATE_RELATIONS",
+    "PUBLIC_RELATIONS",
+    "SCOPE_SPLITS",
     "QAItem",
     "UnlearnSplit",
     "forget_persons",
     "holdout_persons",
     "mentions",
+    "testbed_scope_split",
     "testbed_split",
 ]
 
 #: split name -> fraction of persons forgotten
 FORGET_SPLITS: dict[str, float] = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
 PERSON_RELATIONS = ("born_in", "citizen_of", "works_for", "profession", "speaks", "plays")
+#: KnowUnDo-privacy analogue (Tian et al., 2024): a person's personal details are the unlearn scope, the facts of
+#: their public life the retention scope
+PRIVATE_RELATIONS = ("born_in", "citizen_of", "plays")
+PUBLIC_RELATIONS = ("works_for", "profession", "speaks")
+#: scope split name -> the forget split whose persons it uses
+SCOPE_SPLITS: dict[str, str] = {"privacy01": "forget01", "privacy05": "forget05", "privacy10": "forget10"}
 N_PERTURBED = 5
 _SPLIT_SALT = 1_000_003
 
@@ -80,6 +90,8 @@ class UnlearnSplit:
     holdout: list[QAItem] = field(default_factory=list)
     forget_subjects: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    #: KnowUnDo scopes to measure token accuracy / perplexity on: ``{"unlearn": [...], "retention": [...]}``
+    scopes: dict[str, list[QAItem]] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raise ``ValueError`` on an empty forget set or one that overlaps the retain set (with counts)."""
@@ -229,6 +241,38 @@ def testbed_split(split: str, world: World | None = None, seed: int = 0) -> Unle
             "left_out_founded_by": skipped,
             "seed": seed,
         },
+    )
+    out.check()
+    return out
+
+
+def testbed_scope_split(split: str, world: World | None = None, seed: int = 0) -> UnlearnSplit:
+    """The KnowUnDo-privacy analogue ``privacy01 / privacy05 / privacy10`` over the persons of ``forget01 / 05 /
+    10``: the **unlearn scope** (``forget``) is their private facts (:data:`PRIVATE_RELATIONS`: birthplace,
+    citizenship, sport), the **retention scope** (``retain``) their public facts (:data:`PUBLIC_RELATIONS`:
+    employer, profession, language) -- knowledge about the same people that must stay, which is what makes
+    over-forgetting visible. ``extra`` holds the TOFU split's ``entities`` / ``world`` utility sets. ``scopes``
+    names both scopes for :func:`kedit.unlearn.metrics.scope_metrics`."""
+    if split not in SCOPE_SPLITS:
+        raise ValueError(f"unknown scope split {split!r}; expected one of {sorted(SCOPE_SPLITS)}")
+    base = testbed_split(SCOPE_SPLITS[split], world, seed)
+    forget = [q for q in base.forget if q.relation in PRIVATE_RELATIONS]
+    retain = [q for q in base.forget if q.relation in PUBLIC_RELATIONS]
+    out = UnlearnSplit(
+        name=f"testbed:{split}",
+        forget=forget,
+        retain=retain,
+        extra=base.extra,
+        forget_subjects=base.forget_subjects,
+        info={
+            "forget_persons": len(base.forget_subjects),
+            "unlearn_scope": len(forget),
+            "retention_scope": len(retain),
+            "private_relations": list(PRIVATE_RELATIONS),
+            "public_relations": list(PUBLIC_RELATIONS),
+            "seed": seed,
+        },
+        scopes={"unlearn": forget, "retention": retain},
     )
     out.check()
     return out

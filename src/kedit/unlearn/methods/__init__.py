@@ -1,5 +1,5 @@
 """Unlearning methods on ``transformers.Trainer``, one module each (``compute_loss`` overrides), registered in
-:mod:`.registry`: GradAscent, GradDiff, NPO, SimNPO, RMU, RKLD."""
+:mod:`.registry`: GradAscent, GradDiff, NPO, SimNPO, RMU, RKLD, MemFlex."""
 
 from __future__ import annotations
 

@@ -64,6 +64,12 @@ class UnlearnConfig:
     #: an entity that retain facts share, and moving its embedding moves them all
     freeze_embeddings: bool = True
     max_length: int = 128
+    #: MemFlex localisation: random-label copies per item, fraction of answer tokens replaced, and the thresholds
+    #: of the located region {k : cos(g_unlearn[k], g_retain[k]) < μ and mean|g_unlearn[k]| > σ}
+    memflex_copies: int = 3
+    memflex_label_noise: float = 0.5
+    memflex_cos_threshold: float = 0.92
+    memflex_grad_threshold: float = 6e-4
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -32,7 +32,7 @@ def register_unlearn_method(name: str, trainer: type, *, paper: str, summary: st
 
 
 def _load_builtin() -> None:
-    from . import grad_ascent, grad_diff, npo, rkld, rmu, simnpo  # noqa: F401  (each registers itself)
+    from . import grad_ascent, grad_diff, memflex, npo, rkld, rmu, simnpo  # noqa: F401  (each registers itself)
 
 
 def get_unlearn_method(name: str) -> UnlearnMethodSpec:
