@@ -1,6 +1,7 @@
 """Why WISE's paraphrases fail: router misses vs memory misses, on a short lifelong-like stream.
 
     python benchmarks/wise_diagnose.py --limit 100 --threads 1                 # testbed-gpt2, testbed:0-1500
+    python benchmarks/wise_diagnose.py --limit 100 --select 1000 --threads 1     # the lifelong stream's first 100
     python benchmarks/wise_diagnose.py --limit 100 --set act_ratio=0.6 --json d.json
 
 Edits the first ``--limit`` requests of ``--data`` (``--whole-subjects`` selection, as the lifelong runs) one after
@@ -13,7 +14,8 @@ generalization metric's rule, ``max(8, target tokens + 2)`` new tokens). Each mi
 * **memory miss**: routed to the edit's memory and still wrong.
 
 For every router miss the paraphrase is also answered with the routing *forced* to the edit's memory, which says
-whether a better router alone would fix it. The edit prompts themselves are reported the same way (reliability).
+whether a better router alone would fix it. The edit prompts themselves are reported the same way (reliability),
+and the share of 200 prompts of unedited subjects' facts that the router sends to a side memory (false routing).
 Only the dev slice is used (never testbed:1500-1550).
 """
 
@@ -36,7 +38,7 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def diagnose(model_name: str, data: str, limit: int, overrides: dict) -> dict:
+def diagnose(model_name: str, data: str, limit: int, overrides: dict, select: int | None = None) -> dict:
     import torch
 
     import kedit
@@ -47,7 +49,7 @@ def diagnose(model_name: str, data: str, limit: int, overrides: dict) -> dict:
     from kedit.memory import get_memory
 
     model, tok = kedit.load_model(model_name)
-    reqs = resolve_requests(data, limit=limit, whole=True)
+    reqs = resolve_requests(data, limit=select or limit, whole=True)[:limit]
     t0 = time.perf_counter()
     for i, req in enumerate(reqs):
         kedit.edit(model, tok, [req], method="wise", config=overrides or None, evaluate=False)
@@ -99,6 +101,15 @@ def diagnose(model_name: str, data: str, limit: int, overrides: dict) -> dict:
                          "correct": ok, "kind": kind, "generation": gen,
                          "forced_correct": forced[j][0] if j in forced else None})
 
+    # false routing: prompts of facts whose subject is not edited (the lifelong locality pool's kind of input)
+    edited = {r.subject for r in reqs}
+    pool = [r.text for r in resolve_requests(data) if r.subject not in edited][:200]
+    false_routed = 0
+    for p in pool:
+        mem._route = None
+        greedy_answers(model, tok, [p], max_new_tokens=1)
+        false_routed += int(mem.last_memory is not None and int(mem.last_memory[0]) >= 0)
+
     def split(sel):
         n = len(sel)
         c = {k: sum(r["kind"] == k for r in sel) for k in ("hit", "below_eps", "wrong_memory", "memory")}
@@ -108,9 +119,11 @@ def diagnose(model_name: str, data: str, limit: int, overrides: dict) -> dict:
                 "router_miss_fixed_by_forcing": fixed, "router_misses": c["below_eps"] + c["wrong_memory"],
                 "upper_bound_perfect_router": round((c["hit"] + fixed) / n, 4)}
 
-    return {"model": model_name, "data": data, "limit": limit, "config": overrides, "seconds_per_edit":
+    return {"model": model_name, "data": data, "limit": limit, "select": select, "config": overrides, "seconds_per_edit":
             round(edit_s, 2), "memories": len(mem.members), "edit_prompts": split([r for r in rows if not r["paraphrase"]]),
-            "paraphrases": split([r for r in rows if r["paraphrase"]]), "rows": rows}
+            "paraphrases": split([r for r in rows if r["paraphrase"]]),
+            "unedited_routed_to_side": round(false_routed / max(1, len(pool)), 4), "unedited_n": len(pool),
+            "rows": rows}
 
 
 def main() -> None:
@@ -118,6 +131,9 @@ def main() -> None:
     ap.add_argument("--model", default="testbed-gpt2")
     ap.add_argument("--data", default="testbed:0-1500")
     ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--select", type=int, default=None,
+                    help="take the first --limit edits of the --whole-subjects selection of this many (the lifelong "
+                         "runs' stream uses 1000: mostly one fact per subject early on); default: --limit")
     ap.add_argument("--set", action="append", default=[], help="WISEConfig override, key=json")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the full result (with every row) here")
@@ -128,7 +144,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-    res = diagnose(a.model, a.data, a.limit, _parse_set(a.set))
+    res = diagnose(a.model, a.data, a.limit, _parse_set(a.set), a.select)
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=1)

@@ -88,8 +88,9 @@ class WISEConfig:
         replay_weight: weight of their NLL.
         n_cross: prompts of edits in other memories used as irrelevant inputs of the margins.
         n_prefixes: random-prefix contexts per edit (the paper's augmented contexts): the target NLL is also taken
-            after ``prefix ⊕ prompt`` for this many short texts of the editing corpus (0: the prompt alone; 4:
-            generalization 35.5 % → 44.3 % on the lifelong testbed stream, T = 100, at twice the time per edit).
+            after ``prefix ⊕ prompt`` for this many short texts of the editing corpus (0: the prompt alone; measured
+            in docs/methods/wise.md: with 4, more paraphrases hit on a stream of few subjects, not on the lifelong
+            stream of one fact per subject, at twice the time per edit).
         prefix_words: each prefix is the first this many words of a corpus text.
         n_irrelevant: irrelevant texts per edit for the margins (drawn from the editing corpus).
         irrelevant_tokens: each irrelevant text is cut to this many tokens.
@@ -112,7 +113,7 @@ class WISEConfig:
     replay: int = 4
     replay_weight: float = 1.0
     n_cross: int = 64
-    n_prefixes: int = 4
+    n_prefixes: int = 0
     prefix_words: int = 6
     n_irrelevant: int = 8
     irrelevant_tokens: int = 32
