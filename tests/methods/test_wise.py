@@ -302,3 +302,37 @@ def test_sequential_edits_are_retained_and_a_re_edit_wins(gpt2, reqs):
         for res in reversed(results):
             res.revert(model)
     _no_memory(model)
+
+
+def test_random_prefix_contexts_are_trained_and_reproducible(gpt2, reqs):
+    # the paper's augmented contexts: the target NLL is also taken after short corpus prefixes, so the side memory
+    # (applied on every position, as in training) gives the target after each of them too; the same seed draws
+    # the same prefixes
+    from kedit.arch import get_adapter
+    from kedit.core.context import EditContext
+    from kedit.methods.wise import WISEConfig, _corpus, _hash, _prefixes, _suspended
+    from kedit.methods.wise import _side as side_hook
+
+    model, tok = gpt2
+    req = reqs[0]
+    spec = kedit.get_method("wise")
+    cfg = spec.make_config({"n_prefixes": 3}, base=spec.default_config(model))
+    texts = _corpus(EditContext(), model, "t")
+    seed = _hash(cfg.seed, req.text, req.target_new)
+    pre = _prefixes(texts, cfg, seed)
+    assert pre == _prefixes(texts, cfg, seed) and len(pre) == 3
+    assert all(p.endswith(".") and len(p.split()) <= cfg.prefix_words for p in pre)
+    assert _prefixes(texts, WISEConfig(n_prefixes=0), seed) == []
+    prompts = [f"{p} {req.text}" for p in pre]
+    res = kedit.edit(model, tok, [req], method="wise", config={"n_prefixes": 3}, evaluate=False)
+    try:
+        mem = _side(model)
+        module = get_adapter(model).module(model, "mlp_out", cfg.layer)
+        with _suspended(mem), side_hook(module, lambda: mem.deltas[0]):
+            got = greedy_answers(model, tok, prompts)
+        assert all(answers_match(g, req.target_new) for g in got), got
+    finally:
+        res.revert(model)
+    _no_memory(model)
+    with pytest.raises(ValueError, match="n_prefixes"):
+        WISEConfig(n_prefixes=-1)

@@ -87,6 +87,11 @@ class WISEConfig:
         replay: earlier edits of the same memory whose NLL is kept in the loss (0: none, the paper's setting).
         replay_weight: weight of their NLL.
         n_cross: prompts of edits in other memories used as irrelevant inputs of the margins.
+        n_prefixes: random-prefix contexts per edit (the paper's augmented contexts): the target NLL is also taken
+            after ``prefix ⊕ prompt`` for this many short texts of the editing corpus (0: the prompt alone; measured
+            in docs/methods/wise.md: with 4, more paraphrases hit on a stream of few subjects, not on the lifelong
+            stream of one fact per subject, at twice the time per edit).
+        prefix_words: each prefix is the first this many words of a corpus text.
         n_irrelevant: irrelevant texts per edit for the margins (drawn from the editing corpus).
         irrelevant_tokens: each irrelevant text is cut to this many tokens.
         early_stop_loss: stop once every NLL is below this and every margin holds.
@@ -108,6 +113,8 @@ class WISEConfig:
     replay: int = 4
     replay_weight: float = 1.0
     n_cross: int = 64
+    n_prefixes: int = 0
+    prefix_words: int = 6
     n_irrelevant: int = 8
     irrelevant_tokens: int = 32
     early_stop_loss: float = 0.05
@@ -130,6 +137,8 @@ class WISEConfig:
             raise ValueError("wise: edits_per_memory and n_shards must be ≥ 1")
         if self.replay < 0 or self.n_cross < 0 or self.replay_weight < 0:
             raise ValueError("wise: replay, replay_weight and n_cross must be ≥ 0")
+        if self.n_prefixes < 0 or self.prefix_words < 1:
+            raise ValueError("wise: n_prefixes must be ≥ 0 and prefix_words ≥ 1")
         if not 0.0 <= self.layer_fraction <= 1.0:
             raise ValueError(f"wise: layer_fraction must be in [0, 1], got {self.layer_fraction}")
 
@@ -175,7 +184,7 @@ def _hash(*parts) -> int:
     return int.from_bytes(h[:7], "big")
 
 
-def _irrelevant(model: nn.Module, tok, ctx: EditContext, cfg: WISEConfig, seed: int, label: str) -> list[list[int]]:
+def _corpus(ctx: EditContext, model: nn.Module, label: str) -> list[str]:
     try:
         texts, _ = ctx.texts_for(model)
     except Exception as e:  # MissingCorpusError: say what WISE needs it for
@@ -184,6 +193,26 @@ def _irrelevant(model: nn.Module, tok, ctx: EditContext, cfg: WISEConfig, seed: 
     texts = [t for t in (texts if isinstance(texts, list) else list(texts)) if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError(f"{label}: the editing corpus has no texts for WISE's routing margins")
+    return texts
+
+
+def _prefixes(texts: list[str], cfg: WISEConfig, seed: int) -> list[str]:
+    """``n_prefixes`` random short contexts (the first ``prefix_words`` words of corpus texts), each ending in a
+    sentence break, put before the edit prompt in the target NLL (the paper's random-prefix augmentation)."""
+    if not cfg.n_prefixes:
+        return []
+    g = torch.Generator().manual_seed(seed ^ 0x5EED)
+    out = []
+    for i in torch.randperm(len(texts), generator=g).tolist():
+        words = texts[i].split()[: cfg.prefix_words]
+        if words:
+            out.append(" ".join(words).rstrip(".,;:") + ".")
+        if len(out) == cfg.n_prefixes:
+            break
+    return out
+
+
+def _irrelevant(tok, texts: list[str], cfg: WISEConfig, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(texts), generator=g)[: cfg.n_irrelevant].tolist()
     out = []
@@ -253,6 +282,11 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     live = [i for p, i in latest.items() if p != req.text]
     old = [state.records[i] for i in _sample(sorted(live, key=members.index), cfg.replay, seed)]
     seqs = [(ids, len(prompt), tgt)]
+    texts = _corpus(ctx, model, label)
+    for pre in _prefixes(texts, cfg, seed):  # augmented contexts: the same target after a random prefix
+        p_ids = tok(f"{pre} {req.text}", add_special_tokens=True)["input_ids"]
+        seqs.append((p_ids + tgt[:-1], len(p_ids), tgt))
+    n_main = len(seqs)
     for r in old:
         toks, n_p = list(r.info["tokens"]), int(r.info["n_prompt"])
         seqs.append((toks[:-1], n_p, toks[n_p:]))
@@ -267,7 +301,7 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     old_acts = [(r.key.view(int(r.info["n_tokens"]), d_in).to(device, cdt), int(r.info["n_prompt"])) for r in old]
     others = [i for i in state.records if state.memory_of(i) != m]
     cross = [state.records[i] for i in _sample(others, cfg.n_cross, seed + 1)]
-    irr = [_acts(model, module, t, cdt) for t in _irrelevant(model, tok, ctx, cfg, seed, label)]
+    irr = [_acts(model, module, t, cdt) for t in _irrelevant(tok, texts, cfg, seed)]
     irr += [r.key.view(int(r.info["n_tokens"]), d_in)[: int(r.info["n_prompt"])].to(device, cdt) for r in cross]
     vals = torch.zeros(idx.numel(), dtype=cdt, device=device, requires_grad=True)
 
@@ -310,7 +344,8 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
         tok_nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         per_seq = torch.zeros(len(seqs), device=device).index_add(0, rows_i, tok_nll) / torch.bincount(
             rows_i, minlength=len(seqs)).to(tok_nll.dtype)
-        nll = per_seq[0] + (cfg.replay_weight * per_seq[1:].mean() if len(seqs) > 1 else 0.0)
+        nll = per_seq[:n_main].mean() + (cfg.replay_weight * per_seq[n_main:].mean() if len(seqs) > n_main
+                                          else 0.0)
         s_e, s_irr, s_old = scores(d)
         margin = (torch.relu(s_irr - cfg.alpha).mean() + torch.relu(cfg.beta - s_e)
                   + torch.relu(cfg.gamma - (s_e - s_irr)).mean())
