@@ -57,7 +57,8 @@ def main() -> int:
             entries = server.entries()
             print(json.dumps({"trial": trial, "ok": ok, "seen_committed": len(seen), "entries": len(entries),
                               "committed": sum(e["state"] == "committed" for e in entries),
-                              "failed": sum(e["state"] == "failed" for e in entries), "why": why}), flush=True)
+                              "failed": sum(e["state"] == "failed" for e in entries),
+                              "start_s": round(server.start_s, 1), "why": why}), flush=True)
         server.stop()
         print(json.dumps({"trials": args.trials, "failures": failures, "minutes": round((time.time() - t0) / 60, 1)}))
     return 1 if failures else 0

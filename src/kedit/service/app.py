@@ -293,8 +293,8 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     def model_state(request: Request, user: User = Depends(viewer)) -> dict[str, Any]:
         """The served model's state fingerprint (every weight byte and the edit memory) and the applied entries."""
         editor = svc(request).editor
-        return {"fingerprint": editor.fingerprint(), "base_fingerprint": editor.base_fingerprint,
-                "applied": list(editor.applied)}
+        fingerprint, applied = editor.state()  # one locked read: never a state in the middle of a change
+        return {"fingerprint": fingerprint, "base_fingerprint": editor.base_fingerprint, "applied": applied}
 
     @app.get("/v1/me")
     def me(user: User = Depends(viewer)) -> dict[str, Any]:

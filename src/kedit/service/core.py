@@ -22,6 +22,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -102,7 +103,9 @@ class KnowledgeService:
                     f"fingerprint {base[:12]}...); the loaded model has fingerprint "
                     f"{self.editor.base_fingerprint[:12]}... -- serve the model the ledger was built on, or use "
                     "another --db")
+        t0 = time.perf_counter()
         self._replay()
+        replay_s = time.perf_counter() - t0
         pending = []
         with self.sessions.begin() as s:
             for e in s.scalars(select(Entry).where(Entry.state == "applied")):
@@ -113,8 +116,8 @@ class KnowledgeService:
         self._thread.start()
         for i in pending:
             self._submit(lambda i=i: self._edit_job(i))
-        log.info("service started: %d committed entries replayed, %d pending queued", len(self.editor.applied),
-                 len(pending))
+        log.info("service started: %d committed entries replayed and verified in %.2f s, %d pending queued",
+                 len(self.editor.applied), replay_s, len(pending))
 
     def stop(self, timeout: float | None = 30) -> None:
         if self._thread is not None:

@@ -73,7 +73,8 @@ class Editor:
         self.tok = tok
         self.spec = get_method(method)
         self.config = self.spec.make_config(dict(config or {}), base=self.spec.default_config(model))
-        self.lock = threading.Lock()
+        #: re-entrant: a rollback holds it across all its steps, which take it again one by one
+        self.lock = threading.RLock()
         self.replica = copy.deepcopy(model) if replica else None
         self.base_fingerprint = model_fingerprint(model, full=True)
         #: entry id -> (delta on the served model, delta on the replica or None), in application order
@@ -106,6 +107,11 @@ class Editor:
         with self.lock:
             return state_fingerprint(self.model)
 
+    def state(self) -> tuple[str, list[int]]:
+        """The served model's state fingerprint and its applied entries (in order), read together."""
+        with self.lock:
+            return state_fingerprint(self.model), list(self.applied)
+
     # -- writing (one caller at a time: the service's writer thread) ----------------------------------------------
     def compute(self, requests: Sequence[Mapping[str, Any]]) -> EditDelta:
         """The delta of ``requests`` for the model in its current state (not applied)."""
@@ -130,29 +136,34 @@ class Editor:
                 except BaseException:
                     delta.revert(self.model)
                     raise
-        self.applied[entry_id] = (delta, twin)
+            self.applied[entry_id] = (delta, twin)
 
     def remove(self, entry_id: int) -> dict[int, EditDelta]:
         """Undo ``entry_id``'s edit; returns ``{entry id: new delta}`` for later weight edits that had to be
-        recomputed (empty for memory methods and for the newest entry)."""
-        if entry_id not in self.applied:
-            raise EditorError(f"entry {entry_id} is not applied")
-        delta, _ = self.applied[entry_id]
-        if delta.is_memory and all(d.is_memory for d, _ in self.applied.values()):
-            self._rebuild_memory(entry_id)
-            return {}
-        order = list(self.applied)
-        later = order[order.index(entry_id) + 1:]
-        later_requests = {i: self.applied[i][0].requests for i in later}
-        for i in reversed(later):
-            self._revert(i)
-        self._revert(entry_id)
-        new: dict[int, EditDelta] = {}
-        for i in later:
-            d = self.compute(later_requests[i])
-            self.apply(i, d)
-            new[i] = d
-        return new
+        recomputed (empty for memory methods and for the newest entry).
+
+        The served model is locked for the whole removal: an ask sees the model before it or after it, never one
+        of the intermediate states (the memory emptied and partly refilled; later weight edits reverted). For a
+        middle weight edit that includes recomputing the later edits, so asks wait for it."""
+        with self.lock:
+            if entry_id not in self.applied:
+                raise EditorError(f"entry {entry_id} is not applied")
+            delta, _ = self.applied[entry_id]
+            if delta.is_memory and all(d.is_memory for d, _ in self.applied.values()):
+                self._rebuild_memory(entry_id)
+                return {}
+            order = list(self.applied)
+            later = order[order.index(entry_id) + 1:]
+            later_requests = {i: self.applied[i][0].requests for i in later}
+            for i in reversed(later):
+                self._revert(i)
+            self._revert(entry_id)
+            new: dict[int, EditDelta] = {}
+            for i in later:
+                d = self.compute(later_requests[i])
+                self.apply(i, d)
+                new[i] = d
+            return new
 
     def _rebuild_memory(self, entry_id: int) -> None:
         """Remove ``entry_id`` from a memory-only model by rebuilding the memory from empty with the other entries
@@ -160,10 +171,11 @@ class Editor:
         codebook around its key, and the memory left behind would differ from the one a restart replays."""
         order = [i for i in self.applied if i != entry_id]
         deltas = {i: self.applied[i][0] for i in order}
-        for i in reversed(list(self.applied)):
-            self._revert(i)
-        for i in order:
-            self.apply(i, deltas[i])
+        with self.lock:
+            for i in reversed(list(self.applied)):
+                self._revert(i)
+            for i in order:
+                self.apply(i, deltas[i])
 
     def _revert(self, entry_id: int) -> None:
         delta, twin = self.applied[entry_id]
@@ -171,4 +183,4 @@ class Editor:
             delta.revert(self.model)
             if twin is not None:
                 twin.revert(self.replica)
-        del self.applied[entry_id]
+            del self.applied[entry_id]
