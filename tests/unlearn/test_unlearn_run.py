@@ -131,3 +131,28 @@ def test_cli_json_contract(tmp_path):
     bad = runner.invoke(app, ["unlearn", "--model", "testbed-gpt2", "--forget", "testbed:forget42",
                               "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "unknown testbed forget split" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_eval_protocol_unlearn_v1_runs_kedit_unlearn_and_resumes(tmp_path):
+    """`kedit eval --protocol unlearn/v1` is the `kedit unlearn` code path: the same record, a finished run is
+    reported again on a rerun, and a rerun with other settings into the same directory is refused."""
+    from kedit.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["eval", "--model", "testbed-gpt2", "--method", "grad_diff", "--protocol", "unlearn/v1", "--data",
+            "testbed:forget10", "--out", str(out), "--set", "max_steps=1", "--limit", "6", "--json"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert record["protocol"] == "unlearn/v1" and record["method"] == "grad_diff" and record["eval_size"] == 6
+    assert 0.0 <= record["metrics"]["forget_quality"] <= 1.0 and record["reference"]
+    assert json.loads((out / "unlearn.json").read_text()) == record
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == record
+    other = runner.invoke(app, [*args[:-4], "max_steps=2", "--limit", "6", "--json"])
+    assert other.exit_code != 0 and "holds another unlearn/v1 run" in other.output
+    bad = runner.invoke(app, ["eval", "--model", "testbed-gpt2", "--method", "nope", "--protocol", "unlearn/v1",
+                              "--data", "testbed:forget10", "--out", str(tmp_path / "y")])
+    assert bad.exit_code != 0 and not (tmp_path / "y").exists()

@@ -109,7 +109,8 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", "-d", help="FILE (any supported format), testbed[:N] or testbed:A-B."),
         protocol: str = typer.Option("single/v1", "--protocol", "-p",
                                      help="single/v1 | batch/v1 | sequential-final/v1 | sequential-immediate/v1 | "
-                                          "lifelong/v1."),
+                                          "lifelong/v1 | unlearn/v1 (METHOD: an unlearning method, DATA: a "
+                                          "forget split, e.g. testbed:forget10; as `kedit unlearn`, --limit caps each measured set)."),
         batch_size: int = typer.Option(1, "--batch-size", "-k", min=1,
                                        help="Edits per compute call (batch/sequential)."),
         limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate at most N records."),
@@ -159,9 +160,19 @@ def register(app: typer.Typer) -> None:
         from kedit.methods.registry import ConfigError, UnknownMethodError
         from kedit.requests import RequestError
 
+        try:
+            proto_name = get_protocol(protocol).name
+        except ValueError as e:
+            fail(str(e))
+            return
+        if proto_name == "unlearn":  # an unlearning method on a forget split: the same code path as `kedit unlearn`
+            from kedit.unlearn.cli import run_unlearn
+
+            run_unlearn(model, method, data, out_dir, sets=sets, eval_size=limit, json_out=json_out, resume=True)
+            return
         name = method_name(method, strategy)
         try:
-            lifelong = get_protocol(protocol).name == "lifelong"
+            lifelong = proto_name == "lifelong"
             cps = _parse_checkpoints(checkpoints)
             if cps is not None and not lifelong:
                 raise ValueError("--checkpoints is for --protocol lifelong/v1 only")

@@ -6,12 +6,13 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-__all__ = ["register"]
+__all__ = ["register", "run_unlearn"]
 
 _SUMMARY_KEYS = (
     "unlearn_token_accuracy",
@@ -67,6 +68,126 @@ def _reference_model(model: str, spec: str, retain_model: Optional[Path], tok: A
     return None
 
 
+def run_unlearn(
+    model: str,
+    method: str,
+    forget: str,
+    out_dir: Path,
+    *,
+    retain: Optional[Path] = None,
+    retain_model: Optional[Path] = None,
+    sets: Sequence[str] = (),
+    lora: bool = False,
+    no_eval: bool = False,
+    eval_size: Optional[int] = None,
+    json_out: bool = False,
+    resume: bool = False,
+) -> None:
+    """The body of ``kedit unlearn`` (also ``kedit eval --protocol unlearn/v1``). With ``resume``, an ``out_dir``
+    that already holds a finished run of the same model, method, forget set and settings is reported again instead
+    of refused (the protocol's runs are one step, so a finished run is the only resumable state)."""
+    from kedit.cli_common import (
+        check_model_available,
+        err,
+        fail,
+        load_or_fail,
+        parse_sets,
+        progress_bars,
+    )
+    from kedit.unlearn.evaluate import PROTOCOL_ID, evaluate_model, reference_from, scope_summary
+    from kedit.unlearn.loaders import load_forget_spec
+    from kedit.unlearn.methods.registry import get_unlearn_method
+    from kedit.unlearn.run import make_config, unlearn
+
+    if resume and (out_dir / "unlearn.json").is_file():
+        done = json.loads((out_dir / "unlearn.json").read_text(encoding="utf-8"))
+        try:
+            name = get_unlearn_method(method).name
+            want_cfg = make_config(name, parse_sets(sets) | ({"lora": True} if lora else {})).to_dict()
+        except ValueError as e:
+            fail(str(e))
+            raise
+        want = {"model": model, "method": name, "forget": forget}
+        if {k: done.get(k) for k in want} == want and done.get("config") == json.loads(json.dumps(want_cfg)):
+            _print_record(done, json_out)
+            return
+        fail(f"--out {out_dir} holds another unlearn/v1 run ({done.get('method')} on {done.get('forget')}, "
+             f"{done.get('model')}, other settings); give a new --out")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        fail(f"--out {out_dir} exists and is not an empty directory")
+    try:
+        spec = get_unlearn_method(method)
+        overrides = parse_sets(sets)
+        if lora:
+            overrides["lora"] = True
+        cfg = make_config(spec.name, overrides)
+        split = load_forget_spec(forget, retain=str(retain) if retain else None)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+        raise
+    m, tok = load_or_fail(model, **check_model_available(model))
+    reference = None if no_eval else _reference_model(model, forget, retain_model, tok)
+    if reference is None and not no_eval and not split.scopes:
+        err.print("no retain model: forget quality is not measured (give --retain-model)", style="yellow")
+    try:
+        with progress_bars(not json_out) as bar:
+            result = unlearn(m, tok, split, spec.name, cfg,
+                             progress=(lambda s, d, t: bar(s, d, t)) if bar else None)
+    except (ValueError, RuntimeError) as e:
+        fail(f"{spec.name}: {e}")
+        raise
+    metrics: dict[str, Any] = {}
+    if not no_eval:
+        with err.status("measuring unlearn/v1"):
+            before = scope_summary(m, tok, split)  # KnowUnDo scopes: the pre-unlearning values
+            ref_scores = reference_from(reference[0], tok, split, max_items=eval_size) if reference else None
+            with result.delta.applied(m):
+                metrics = evaluate_model(m, tok, split, ref_scores, max_items=eval_size)
+        metrics.update({f"{k}_before": v for k, v in before.items()})
+        if before.get("retention_token_accuracy"):
+            metrics["retention_accuracy_kept"] = (
+                metrics["retention_token_accuracy"] / before["retention_token_accuracy"]
+            )
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    result.delta.save(tmp / "delta")
+    record = {
+        "protocol": PROTOCOL_ID,
+        "model": model,
+        "method": spec.name,
+        "forget": forget,
+        "split": split.info,
+        "reference": reference[1] if reference else None,
+        "config": cfg.to_dict(),
+        "train": result.log,
+        "eval_size": eval_size,
+        "metrics": _finite(metrics),
+        "delta": str(out_dir / "delta"),
+    }
+    (tmp / "unlearn.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    if out_dir.exists():
+        out_dir.rmdir()
+    tmp.rename(out_dir)
+    _print_record(record, json_out)
+
+
+def _print_record(record: dict[str, Any], json_out: bool) -> None:
+    from kedit.cli_common import out
+
+    if json_out:
+        sys.stdout.write(json.dumps(record) + "\n")
+        return
+    log = record["train"]
+    split = record.get("split") or {}
+    out.print(f"{record['method']} on {record['forget']}: {split.get('forget_facts', '?')} forget / "
+              f"{split.get('retain_facts', '?')} retain facts, "
+              f"{log['train']['steps']} steps in {log['seconds']:.0f}s; delta in {record['delta']}")
+    for k in _SUMMARY_KEYS:
+        if k in record["metrics"]:
+            out.print(f"  {k:28s} {record['metrics'][k]:.4g}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("unlearn")
     def unlearn_cmd(
@@ -89,84 +210,8 @@ def register(app: typer.Typer) -> None:
         """Unlearn a forget set, save the change as a kedit delta (revertible bitwise) and measure unlearn/v1:
         forget quality against the retain model, model utility (and the retain model's), MIA AUCs, recall of every
         untouched fact."""
-        from kedit.cli_common import (
-            check_model_available,
-            err,
-            fail,
-            load_or_fail,
-            out,
-            parse_sets,
-            progress_bars,
-        )
-        from kedit.unlearn.evaluate import PROTOCOL_ID, evaluate_model, reference_from, scope_summary
-        from kedit.unlearn.loaders import load_forget_spec
-        from kedit.unlearn.methods.registry import get_unlearn_method
-        from kedit.unlearn.run import make_config, unlearn
-
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            fail(f"--out {out_dir} exists and is not an empty directory")
-        try:
-            spec = get_unlearn_method(method)
-            overrides = parse_sets(sets)
-            if lora:
-                overrides["lora"] = True
-            cfg = make_config(spec.name, overrides)
-            split = load_forget_spec(forget, retain=str(retain) if retain else None)
-        except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
-            raise
-        m, tok = load_or_fail(model, **check_model_available(model))
-        reference = None if no_eval else _reference_model(model, forget, retain_model, tok)
-        if reference is None and not no_eval and not split.scopes:
-            err.print("no retain model: forget quality is not measured (give --retain-model)", style="yellow")
-        try:
-            with progress_bars(not json_out) as bar:
-                result = unlearn(m, tok, split, spec.name, cfg,
-                                 progress=(lambda s, d, t: bar(s, d, t)) if bar else None)
-        except (ValueError, RuntimeError) as e:
-            fail(f"{spec.name}: {e}")
-            raise
-        metrics: dict[str, Any] = {}
-        if not no_eval:
-            with err.status("measuring unlearn/v1"):
-                before = scope_summary(m, tok, split)  # KnowUnDo scopes: the pre-unlearning values
-                ref_scores = reference_from(reference[0], tok, split, max_items=eval_size) if reference else None
-                with result.delta.applied(m):
-                    metrics = evaluate_model(m, tok, split, ref_scores, max_items=eval_size)
-            metrics.update({f"{k}_before": v for k, v in before.items()})
-            if before.get("retention_token_accuracy"):
-                metrics["retention_accuracy_kept"] = (
-                    metrics["retention_token_accuracy"] / before["retention_token_accuracy"]
-                )
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        result.delta.save(tmp / "delta")
-        record = {
-            "protocol": PROTOCOL_ID,
-            "model": model,
-            "method": spec.name,
-            "forget": forget,
-            "split": split.info,
-            "reference": reference[1] if reference else None,
-            "config": cfg.to_dict(),
-            "train": result.log,
-            "eval_size": eval_size,
-            "metrics": _finite(metrics),
-            "delta": str(out_dir / "delta"),
-        }
-        (tmp / "unlearn.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-        if json_out:
-            sys.stdout.write(json.dumps(record) + "\n")
-            return
-        out.print(f"{spec.name} on {forget}: {len(split.forget)} forget / {len(split.retain)} retain items, "
-                  f"{result.log['train']['steps']} steps in {result.log['seconds']:.0f}s; delta in {out_dir}/delta")
-        for k in _SUMMARY_KEYS:
-            if k in metrics:
-                out.print(f"  {k:28s} {metrics[k]:.4g}")
+        run_unlearn(model, method, forget, out_dir, retain=retain, retain_model=retain_model, sets=sets, lora=lora,
+                    no_eval=no_eval, eval_size=eval_size, json_out=json_out)
 
     @app.command("unlearn-retain")
     def unlearn_retain_cmd(
