@@ -126,3 +126,86 @@ def test_rule_interpreter():
     assert it.interpret("undo 3").op == "rollback"
     with pytest.raises(ValueError, match="empty"):
         it.interpret("  ")
+
+
+# -- rollback: the KG after rolling back any entry == base + the surviving entries replayed in commit order --------
+class _Ledger:
+    """Entries applied one after the other to a store, as the service's writer does (stated triples, resolution)."""
+
+    def __init__(self, base, lib):
+        self.base, self.lib = list(base), lib
+        self.kg = KGController(MemoryStore(self.base), lib)
+        self.entries: list[tuple[list, object]] = []
+
+    def edit(self, *triples):
+        self.entries.append((list(triples), self.kg.apply(self.kg.resolve_all(triples))))
+
+    def roll_back(self, i: int) -> None:
+        redone = self.kg.roll_back(self.entries[i:])
+        self.entries = self.entries[:i] + [(t, r) for (t, _), r in zip(self.entries[i + 1:], redone)]
+
+    def replay(self) -> set:
+        kg = KGController(MemoryStore(self.base), self.lib)
+        for triples, _ in self.entries:
+            kg.apply(kg.resolve_all(triples))
+        return set(kg.store)
+
+
+def test_rollback_of_a_superseded_one2one_edit_replays_the_later_one():
+    led = _Ledger([("A", "spouse", "O"), ("O", "spouse", "A")], LIB)
+    led.edit(("A", "spouse", "X"))  # replaces O
+    led.edit(("A", "spouse", "Y"))  # replaces X
+    led.roll_back(0)
+    # undoing entry 1's lists alone would put (A, spouse, O) and its reverse back beside Y
+    assert set(led.kg.store) == {("A", "spouse", "Y"), ("Y", "spouse", "A")} == led.replay()
+    assert led.entries[0][1].removed == [("A", "spouse", "O"), ("O", "spouse", "A")]  # re-resolved on the base
+    led.roll_back(0)
+    assert set(led.kg.store) == {("A", "spouse", "O"), ("O", "spouse", "A")}
+
+
+def test_rollback_of_a_middle_one2many_and_multihop_entry_equals_the_replay():
+    led = _Ledger([("A", "child", "B"), ("C", "father", "D")], LIB)
+    led.edit(("A", "child", "E"))
+    led.edit(("B", "father", "C"))  # composes (B, paternal grandfather, D)
+    led.edit(("A", "child", "F"), ("B", "father", "G"))  # replaces C and the composed grandfather
+    led.roll_back(1)
+    assert set(led.kg.store) == led.replay()
+    assert {("A", "child", "B"), ("A", "child", "E"), ("A", "child", "F"), ("B", "father", "G")} <= set(led.kg.store)
+    assert ("B", "father", "C") not in led.kg.store and ("B", "paternal grandfather", "D") not in led.kg.store
+
+
+def test_newest_rollback_restores_exactly_even_what_the_edit_restated():
+    lib = [Relation("likes", "one2many", "liked_by"), Relation("liked_by", "one2many", "likes")] + LIB
+    base = [("B", "liked_by", "A"), ("A", "spouse", "O"), ("O", "spouse", "A")]
+    led = _Ledger(base, lib)
+    led.edit(("A", "spouse", "X"))
+    before = set(led.kg.store)
+    led.edit(("A", "likes", "B"), ("A", "spouse", "O"))  # the reverse (B, liked_by, A) was there already
+    assert led.entries[-1][1].added == [("A", "likes", "B"), ("A", "spouse", "O"), ("O", "spouse", "A")]
+    led.roll_back(1)
+    assert set(led.kg.store) == before  # (B, liked_by, A) stays: the edit did not add it
+    led.roll_back(0)
+    assert set(led.kg.store) == set(base)
+
+
+def test_any_rollback_order_equals_the_replay_of_the_survivors():
+    import random
+
+    people = ["A", "B", "C", "D", "E"]
+    rels = ["spouse", "father", "child", "husband"]
+    base = [("A", "spouse", "B"), ("B", "spouse", "A"), ("C", "father", "D"), ("E", "husband", "A"),
+            ("A", "wife", "E"), ("A", "child", "C")]
+    for seed in range(20):
+        rng = random.Random(seed)
+        led = _Ledger(base, LIB)
+        for _ in range(30):
+            if led.entries and rng.random() < 0.35:
+                led.roll_back(rng.randrange(len(led.entries)))
+                assert set(led.kg.store) == led.replay(), seed
+            else:
+                h, t = rng.sample(people, 2)
+                led.edit((h, rng.choice(rels), t))
+        while led.entries:
+            led.roll_back(rng.randrange(len(led.entries)))
+            assert set(led.kg.store) == led.replay(), seed
+        assert set(led.kg.store) == set(base), seed

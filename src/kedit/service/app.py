@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from kedit.api import PromptTooLongError
 from kedit.service import auth
-from kedit.service.core import KnowledgeService, ServiceError
+from kedit.service.core import KnowledgeService, ServiceError, ServiceUnavailable
 from kedit.service.db import make_engine, make_sessionmaker, upgrade
 from kedit.service.editor import Editor
 from kedit.service.interpreter import Interpreter, RuleInterpreter
@@ -223,6 +223,8 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
             fut.result(timeout=min(wait, settings.max_wait_s))
         except concurrent.futures.TimeoutError:
             pass
+        except ServiceUnavailable as e:  # failed outside the request and changed nothing: retry later
+            raise HTTPException(503, str(e)) from None
         except ServiceError as e:
             raise HTTPException(409, str(e)) from None
         except Exception:  # the entry records the failure; the caller reads it there
@@ -418,6 +420,10 @@ def _routes(app: FastAPI, settings: ServiceSettings) -> None:
     @app.exception_handler(PromptTooLongError)
     async def _too_long(request: Request, exc: PromptTooLongError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(ServiceUnavailable)
+    async def _service_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:

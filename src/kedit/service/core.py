@@ -45,7 +45,7 @@ from kedit.service.kg import (
 from kedit.service.ledger import audit, get_state, next_seq, set_state, transition
 from kedit.service.models import Entry, User
 
-__all__ = ["KnowledgeService", "ServiceError", "artefact_sha256"]
+__all__ = ["KnowledgeService", "ServiceError", "ServiceUnavailable", "artefact_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ KEY_STATE = "model_state_fingerprint"
 
 class ServiceError(RuntimeError):
     """The service cannot start or cannot do what was asked (the message says why)."""
+
+
+class ServiceUnavailable(ServiceError):
+    """A job failed for a reason outside the request (e.g. the database refused the commit) and changed nothing:
+    the caller may retry (HTTP 503)."""
 
 
 def artefact_sha256(directory: str | Path) -> str:
@@ -195,11 +200,7 @@ class KnowledgeService:
                 return entry.state if entry is not None else "missing"
             kg = KGController(DbStore(s), load_library(s), augment=self.augment)
             try:
-                res = Resolution()
-                for t in entry.triples:
-                    r = kg.resolve(t)
-                    res.edit += [x for x in r.edit if x not in res.edit]
-                    res.rollback += [x for x in r.rollback if x not in res.rollback]
+                res = kg.resolve_all(entry.triples)
                 requests = [q for t in res.edit for q in triple_requests(t, kg.relation(t[1]),
                                                                           n_templates=self.n_templates)]
                 delta = self.editor.compute(requests)
@@ -218,7 +219,7 @@ class KnowledgeService:
                 entry.artefact, entry.artefact_sha256 = str(path), artefact_sha256(path)
                 transition(s, entry, "applied", user_id=None)
                 s.commit()
-                kg.apply(res)
+                entry.kg_changes = kg.apply(res).to_dict()  # with the net change, which rollback undoes
                 entry.seq = next_seq(s)
                 transition(s, entry, "committed", user_id=None)
                 set_state(s, KEY_STATE, self.editor.fingerprint())
@@ -251,24 +252,60 @@ class KnowledgeService:
         return self._submit(lambda: self._rollback_job(entry_id, user_id))
 
     def _rollback_job(self, entry_id: int, user_id: int) -> str:
+        """Roll ``entry_id`` back in the model and the KG, all or nothing: if any step fails (the removal, the KG
+        replay, an artefact, the database commit), the transaction is rolled back and the served model is restored
+        to its state before the job, so the entry stays committed in both and the caller gets
+        :class:`ServiceUnavailable`."""
         with self.sessions() as s:
             entry = s.get(Entry, entry_id)
             if entry is None:
                 raise ServiceError(f"no ledger entry {entry_id}")
             if entry.state != "committed":
                 raise ServiceError(f"entry {entry_id} is {entry.state}; only committed entries can be rolled back")
-            recomputed = self.editor.remove(entry_id)
-            kg = KGController(DbStore(s), load_library(s))
-            kg.undo(Resolution.from_dict(entry.kg_changes or {}))
-            for other_id, delta in recomputed.items():
-                other = s.get(Entry, other_id)
-                path = self._write_artefact(other_id, delta, suffix=f".r{entry_id}")
-                other.artefact, other.artefact_sha256 = str(path), artefact_sha256(path)
-                audit(s, "recomputed", user_id=user_id, entry=other, reason=f"rollback of entry {entry_id}")
-            transition(s, entry, "rolled_back", user_id=user_id)
-            set_state(s, KEY_STATE, self.editor.fingerprint())
-            s.commit()
+            snapshot = self.editor.snapshot()
+            written: list[Path] = []
+            try:
+                recomputed = self.editor.remove(entry_id)
+                # the KG: this entry and every later committed one undone, the later ones resolved again and
+                # reapplied (see KGController.roll_back); their new resolutions replace the stored ones
+                chain = list(s.scalars(select(Entry).where(Entry.state == "committed", Entry.seq >= entry.seq)
+                                       .order_by(Entry.seq)))
+                kg = KGController(DbStore(s), load_library(s), augment=self.augment)
+                redone = kg.roll_back([(e.triples, Resolution.from_dict(e.kg_changes or {})) for e in chain])
+                for later, res in zip(chain[1:], redone):
+                    if res.edit != [tuple(x) for x in (later.kg_changes or {}).get("edit", [])]:
+                        log.warning("entry %d: without entry %d its KG resolution changed (%d triples to write, "
+                                    "was %d); the model keeps the edits it was given", later.id, entry_id,
+                                    len(res.edit), len((later.kg_changes or {}).get("edit", [])))
+                    later.kg_changes = res.to_dict()
+                for other_id, delta in recomputed.items():
+                    other = s.get(Entry, other_id)
+                    path = self._write_artefact(other_id, delta, suffix=f".r{entry_id}")
+                    written.append(path)
+                    other.artefact, other.artefact_sha256 = str(path), artefact_sha256(path)
+                    audit(s, "recomputed", user_id=user_id, entry=other, reason=f"rollback of entry {entry_id}")
+                transition(s, entry, "rolled_back", user_id=user_id)
+                set_state(s, KEY_STATE, self.editor.fingerprint())
+                s.commit()
+            except BaseException as e:
+                s.rollback()
+                self.editor.restore(snapshot)
+                for path in written:  # new artefacts no committed row names
+                    shutil.rmtree(path, ignore_errors=True)
+                log.error("rollback of entry %d failed, nothing changed: %s: %s", entry_id, type(e).__name__, e)
+                self._audit_quietly("rollback_failed", user_id, entry_id, f"{type(e).__name__}: {e}")
+                raise ServiceUnavailable(f"the rollback of entry {entry_id} failed and changed nothing (the entry "
+                                         f"is still committed in the model and the KG): {type(e).__name__}: {e}; "
+                                         "retry later") from e
             return "rolled_back"
+
+    def _audit_quietly(self, action: str, user_id: int | None, entry_id: int, reason: str) -> None:
+        """Record ``action`` in the audit log when the database takes it (it may be what just failed)."""
+        try:
+            with self.sessions.begin() as s:
+                audit(s, action, user_id=user_id, entry=s.get(Entry, entry_id), reason=reason)
+        except Exception as e:
+            log.error("could not audit %s of entry %d: %s", action, entry_id, e)
 
     # -- KG --------------------------------------------------------------------------------------------------------
     def import_kg(self, session: Session, triples: list[tuple[str, str, str]], relations: list[Relation],

@@ -165,6 +165,21 @@ class Editor:
                 new[i] = d
             return new
 
+    def snapshot(self) -> list[tuple[int, EditDelta]]:
+        """The applied entries and their deltas on the served model, in order (for :meth:`restore`)."""
+        with self.lock:
+            return [(i, d) for i, (d, _) in self.applied.items()]
+
+    def restore(self, snapshot: Sequence[tuple[int, EditDelta]]) -> None:
+        """Bring the model back to the state of :meth:`snapshot` (after a :meth:`remove` whose ledger commit
+        failed, or a removal that failed half-way): every applied delta is reverted, newest first, and the
+        snapshot's deltas are applied again in their order -- the computation a restart replays."""
+        with self.lock:
+            for i in reversed(list(self.applied)):
+                self._revert(i)
+            for i, d in snapshot:
+                self.apply(i, d)
+
     def _rebuild_memory(self, entry_id: int) -> None:
         """Remove ``entry_id`` from a memory-only model by rebuilding the memory from empty with the other entries
         in their order. Removing an entry in place is not enough: later entries may have expanded or split the

@@ -86,17 +86,31 @@ class Relation:
 
 @dataclass
 class Resolution:
-    """What an edit implies: triples to write (``edit``) and triples it removes (``rollback``)."""
+    """What an edit implies: triples to write (``edit``) and triples it removes (``rollback``).
+
+    ``added`` / ``removed``: set by :meth:`KGController.apply` -- the net change it made to the store (the
+    ``edit`` triples that were not there yet, the ``rollback`` triples that were), which is what
+    :meth:`KGController.undo` reverses exactly. ``None`` before it is applied (and in entries stored before these
+    fields existed: their undo falls back to the two lists)."""
 
     edit: list[Triple] = field(default_factory=list)
     rollback: list[Triple] = field(default_factory=list)
+    added: list[Triple] | None = None
+    removed: list[Triple] | None = None
 
     def to_dict(self) -> dict[str, list[list[str]]]:
-        return {"edit": [list(t) for t in self.edit], "rollback": [list(t) for t in self.rollback]}
+        out = {"edit": [list(t) for t in self.edit], "rollback": [list(t) for t in self.rollback]}
+        if self.added is not None and self.removed is not None:
+            out["added"] = [list(t) for t in self.added]
+            out["removed"] = [list(t) for t in self.removed]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Resolution:
-        return cls([tuple(t) for t in data.get("edit", [])], [tuple(t) for t in data.get("rollback", [])])
+        def triples(key: str) -> list[Triple] | None:
+            return None if key not in data else [tuple(t) for t in data[key]]
+
+        return cls(triples("edit") or [], triples("rollback") or [], triples("added"), triples("removed"))
 
 
 class TripleStore(Protocol):
@@ -235,18 +249,52 @@ class KGController:
                 found += [(a, comp.name, t) for a in heads(h, r1)]
         return found
 
-    def apply(self, res: Resolution) -> None:
-        for x in res.rollback:
+    def resolve_all(self, triples: Iterable[Sequence[str]]) -> Resolution:
+        """One entry's resolution: each stated triple resolved against the store as it is, the lists merged
+        (de-duplicated, in order)."""
+        res = Resolution()
+        for t in triples:
+            r = self.resolve(t)
+            res.edit += [x for x in r.edit if x not in res.edit]
+            res.rollback += [x for x in r.rollback if x not in res.rollback]
+        return res
+
+    def apply(self, res: Resolution) -> Resolution:
+        """Remove ``res.rollback``, add ``res.edit``; records the net change in ``res.added`` / ``res.removed``
+        (returns ``res``)."""
+        removed = [x for x in res.rollback if self.store.has(x)]
+        for x in removed:
             self.store.remove(x)
-        for x in res.edit:
+        added = [x for x in res.edit if not self.store.has(x)]
+        for x in added:
             self.store.add(x)
+        res.added, res.removed = added, removed
+        return res
 
     def undo(self, res: Resolution) -> None:
-        """Undo :meth:`apply` of ``res``: remove what it added, restore what it removed."""
-        for x in res.edit:
+        """Undo :meth:`apply` of ``res`` exactly (when nothing changed the store since): remove what it added,
+        restore what it removed. A resolution without the net change (stored before it was recorded) removes every
+        ``edit`` triple and restores every ``rollback`` one."""
+        added = res.edit if res.added is None else res.added
+        removed = res.rollback if res.removed is None else res.removed
+        for x in added:
             self.store.remove(x)
-        for x in res.rollback:
+        for x in removed:
             self.store.add(x)
+
+    def roll_back(self, entries: Sequence[tuple[Iterable[Sequence[str]], Resolution]]) -> list[Resolution]:
+        """Roll back the first of ``entries`` -- ``(stated triples, applied resolution)`` of the committed entries
+        from the one rolled back to the newest, in commit order -- so that the store equals the KG before it plus
+        the later entries replayed: every entry is undone (newest first), then each later one is resolved again
+        and applied, against the KG as it is without the rolled-back entry. (Undoing only the rolled-back entry's
+        lists is wrong once a later entry superseded it: undoing ``(s, r, a)`` replacing ``(s, r, orig)`` after
+        ``(s, r, b)`` replaced ``(s, r, a)`` would put ``orig`` back beside ``b``.) Returns the later entries' new
+        resolutions, in order, for the ledger to store."""
+        if not entries:
+            raise ValueError("roll_back needs at least the entry to roll back")
+        for _, res in reversed(entries):
+            self.undo(res)
+        return [self.apply(self.resolve_all(triples)) for triples, _ in entries[1:]]
 
     def neighbourhood(self, entity: str) -> dict[str, list[list[str]]]:
         return {"out": [list(x) for x in self.store.out_edges(entity)],
