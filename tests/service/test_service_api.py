@@ -245,3 +245,94 @@ def test_users_tokens_kg_import_and_audit(harness):
         assert {"user_created", "token_issued", "kg_import", "submit", "state"} <= actions
         assert [x["state"] for x in c.get("/v1/edits", params={"state": "committed"}, headers=c.admin).json()] \
             == ["committed"]
+
+
+def _kg(c) -> set:
+    from kedit.service.models import TripleRow
+
+    with c.app_state.sessions() as s:
+        return set(s.execute(select(TripleRow.head, TripleRow.relation, TripleRow.tail)).all())
+
+
+def _replayed_state(c, base_model) -> str:
+    """The state fingerprint of the base model + the ledger's committed artefacts, replayed here in commit order."""
+    import copy
+
+    from kedit.deltas import load_delta
+
+    committed = sorted((e for e in c.get("/v1/edits", headers=c.admin).json() if e["state"] == "committed"),
+                       key=lambda e: e["seq"])
+    replay = copy.deepcopy(base_model[0])
+    for e in committed:
+        load_delta(e["artefact"]).apply(replay)
+    return state_fingerprint(replay)
+
+
+def test_kg_rollback_of_a_superseded_edit_equals_the_replay_of_the_survivors(harness, base_model):
+    from kedit.service.kg import KGController, MemoryStore, testbed_library, testbed_triples
+
+    edits = [EDIT, {"subject": SUBJECT, "relation": "plays", "object": "drums"},
+             {"subject": SUBJECT, "relation": RELATION, "object": "Cishemfa"}]  # the third supersedes the first
+    with harness.client() as c:
+        base_kg = _kg(c)
+        ids, kgs = [], []
+        for body in edits:
+            e = c.post("/v1/edits?wait=120", json=body, headers=c.admin).json()
+            assert e["state"] == "committed", e["error"]
+            ids.append(e["id"])
+            kgs.append(_kg(c))
+
+        def replay(survivors):
+            kg = KGController(MemoryStore(sorted(base_kg)), testbed_library())
+            for body in survivors:
+                kg.apply(kg.resolve_all([(body["subject"], body["relation"], body["object"])]))
+            return set(kg.store)
+
+        assert replay([]) == set(testbed_triples()) == base_kg and replay(edits) == kgs[-1]
+        r = c.post(f"/v1/edits/{ids[0]}/rollback?wait=120", headers=c.admin)
+        assert r.status_code == 202 and r.json()["state"] == "rolled_back", r.text
+        after = _kg(c)
+        assert after == replay(edits[1:])  # not Neirvoum back beside Cishemfa
+        assert [t for h, rel, t in after if h == SUBJECT and rel == RELATION] == ["Cishemfa"]
+        assert len([t for h, rel, t in after if h == SUBJECT and rel == "born_country"]) == 1
+        assert c.get("/v1/state", headers=c.admin).json()["fingerprint"] == _replayed_state(c, base_model)
+        r = c.post(f"/v1/edits/{ids[2]}/rollback?wait=120", headers=c.admin)  # the newest: exactly
+        assert r.status_code == 202 and r.json()["state"] == "rolled_back", r.text
+        assert _kg(c) == replay(edits[1:2])
+        r = c.post(f"/v1/edits/{ids[1]}/rollback?wait=120", headers=c.admin)
+        assert r.status_code == 202 and _kg(c) == base_kg
+
+
+def test_rollback_whose_commit_fails_changes_nothing(harness, base_model, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    with harness.client() as c:
+        ids = []
+        for body in (EDIT, {"subject": SUBJECT, "relation": "plays", "object": "drums"}):
+            e = c.post("/v1/edits?wait=120", json=body, headers=c.admin).json()
+            assert e["state"] == "committed", e["error"]
+            ids.append(e["id"])
+        served, kg = c.get("/v1/state", headers=c.admin).json(), _kg(c)
+        real_commit, failed = Session.commit, []
+
+        def commit_failing_once_in_the_writer(self):
+            if threading.current_thread().name == "kedit-writer" and not failed:
+                failed.append(1)
+                raise OperationalError("COMMIT", {}, Exception("injected: the database went away"))
+            return real_commit(self)
+
+        monkeypatch.setattr(Session, "commit", commit_failing_once_in_the_writer)
+        r = c.post(f"/v1/edits/{ids[0]}/rollback?wait=120", headers=c.admin)  # a middle entry
+        assert failed and r.status_code == 503, r.text
+        assert "changed nothing" in r.json()["detail"] and "injected" in r.json()["detail"]
+        assert c.get(f"/v1/edits/{ids[0]}", headers=c.admin).json()["state"] == "committed"
+        assert c.get("/v1/state", headers=c.admin).json() == served  # the entry is back in the served model
+        assert served["fingerprint"] == _replayed_state(c, base_model) and _kg(c) == kg
+        assert ask(c).strip().startswith(NEW)
+        actions = [a["action"] for a in c.get("/v1/audit", params={"entry_id": ids[0]}, headers=c.admin).json()]
+        assert "rollback_failed" in actions
+        r = c.post(f"/v1/edits/{ids[0]}/rollback?wait=120", headers=c.admin)  # the retry goes through
+        assert r.status_code == 202 and r.json()["state"] == "rolled_back", r.text
+        assert c.get("/v1/state", headers=c.admin).json()["fingerprint"] == _replayed_state(c, base_model)
+        assert not ask(c).strip().startswith(NEW)
