@@ -154,3 +154,20 @@ def test_readers_never_see_a_rollback_half_done(base_model):
         stop.set()
         t.join()
     assert seen and seen <= expected, f"{len(seen - expected)} intermediate states seen"
+
+
+@pytest.mark.parametrize("method,config", [("ft-m", {"epochs": 3}), ("grace", {})])
+def test_restore_after_a_middle_removal_is_bitwise(base_model, method, config):
+    # what a rollback whose ledger commit failed does: the model goes back to the state before the removal
+    ed = _editor(base_model, method, config)
+    _run(ed, [R1, R2, R3])
+    before, replica_before, snap = state_fingerprint(ed.model), state_fingerprint(ed.replica), ed.snapshot()
+    ed.remove(2)  # a weight method recomputes entry 3 here
+    assert state_fingerprint(ed.model) != before
+    ed.restore(snap)
+    assert list(ed.applied) == [1, 2, 3]
+    assert state_fingerprint(ed.model) == before and state_fingerprint(ed.replica) == replica_before
+    ed.remove(3)  # and the restored entries roll back as before
+    ed.remove(2)
+    ed.remove(1)
+    assert state_fingerprint(ed.model) == state_fingerprint(base_model[0])
