@@ -14,7 +14,9 @@ edit ``(h, r, t)`` (:meth:`KGController.resolve`):
 4. both lists are de-duplicated.
 
 The controller works over a :class:`TripleStore` (in memory, or the service's database table); ``apply`` and
-``undo`` change the store, so the service can roll the KG back together with the model. The testbed world
+``undo`` change the store (``apply`` records the net change, which ``undo`` reverses exactly), and
+``roll_back`` removes any committed entry as a replay of the later ones would, so the service can roll the KG back
+together with the model. The testbed world
 (:func:`testbed_library`, :func:`testbed_triples`) is the KG of the testbed models; :func:`load_oneedit` reads
 OneEdit's ``kg.csv`` and ``relationship_library.json``.
 """
