@@ -84,3 +84,16 @@ def test_bad_width_writes_nothing(tmp_path):
         with pytest.raises(ValueError, match="width"):
             build(root, micro=True, epochs=1, world_config=NANO, width=30)  # head size 7.5
         assert not root.exists()
+
+
+def test_cli_refuses_a_bad_width_or_arch_before_building(tmp_path):
+    from typer.testing import CliRunner
+
+    from kedit.cli import app
+
+    runner = CliRunner()
+    for args, message in ((["--width", "322"], "--width"), (["--arch", "bert"], "--arch")):
+        out = tmp_path / "tb"
+        r = runner.invoke(app, ["testbed", "build", "--micro", "--sequential", "--out", str(out), *args])
+        assert r.exit_code == 2 and message in r.output
+        assert not out.exists()
