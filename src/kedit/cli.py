@@ -352,6 +352,14 @@ def testbed_build(
         None, "--parallel/--sequential",
         help="Train the two models in two processes (default: when at least 2 cores are usable).",
     ),
+    width: Optional[int] = typer.Option(
+        None, "--width",
+        help="Residual width (n_embd / hidden_size; MLP scaled with it) for a width series; default: the recipe's "
+        "(160, micro 64).",
+    ),
+    arch: Optional[list[str]] = typer.Option(
+        None, "--arch", help="Build only this architecture (gpt2 or llama; repeatable). Default: both."
+    ),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Generate the world, train the tokenizer and both models, check the gates, write a manifest.
@@ -368,7 +376,21 @@ def testbed_build(
     kw: dict[str, Any] = {"micro": micro}
     if seed is not None:
         kw["seed"] = seed
-    use_parallel = parallel if parallel is not None else _usable_cores() >= 2
+    if width is not None:
+        kw["width"] = width
+    if arch:
+        kw["archs"] = tuple(arch)
+    from kedit.testbed.train import DEFAULT_SPECS, MICRO_SPECS, widened
+
+    specs = MICRO_SPECS if micro else DEFAULT_SPECS
+    for a in kw.get("archs", tuple(specs)):
+        if a not in specs:
+            fail(f"--arch must be one of {sorted(specs)}, got {a!r}")
+        try:
+            widened(specs[a], width)
+        except ValueError as exc:
+            fail(f"--width: {exc}")
+    use_parallel = parallel if parallel is not None else _usable_cores() >= 2 and len(kw.get("archs", "ab")) >= 2
     if use_parallel:
         with err.status(f"building {'micro ' if micro else ''}testbed (two models in parallel processes)"):
             manifest = build_testbed_parallel(target, **kw)

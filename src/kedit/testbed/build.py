@@ -162,19 +162,35 @@ def build_testbed(
     archs: Sequence[str] = ARCHS,
     epochs: int | None = None,
     world_config: WorldConfig | None = None,
+    width: int | None = None,
 ) -> dict[str, Any]:
     """Build the testbed into ``out_dir`` and return its manifest (also written to ``out_dir/manifest.json``).
 
     ``progress(step, total)`` reports optimiser steps over all models. ``epochs`` overrides the recipe (for
-    quick experiments; the manifest records it). Deterministic on CPU for the same arguments and library versions.
+    quick experiments; the manifest records it). ``width`` trains the models at another residual width (the MLP
+    scaled with it, see :func:`kedit.testbed.train.widened`): same world, recipe and seeds; the manifest records
+    it. Deterministic on CPU for the same arguments and library versions.
     """
     import torch
     import transformers
 
     from .gates import GATE_TARGETS, MICRO_GATE_TARGETS, evaluate_gates, weights_digest
     from .tokenizer import train_tokenizer
-    from .train import DEFAULT_SPECS, MICRO_SPECS, build_model, encode_examples, plan_steps, train_model
+    from .train import (
+        DEFAULT_SPECS,
+        MICRO_SPECS,
+        build_model,
+        encode_examples,
+        plan_steps,
+        train_model,
+        widened,
+    )
 
+    base_specs = MICRO_SPECS if micro else DEFAULT_SPECS
+    for arch in archs:
+        if arch not in base_specs:
+            raise ValueError(f"unknown testbed architecture {arch!r}; expected one of {sorted(base_specs)}")
+    specs = {arch: widened(base_specs[arch], width) for arch in archs}  # bad widths refused before any write
     t_start = time.time()
     out = Path(out_dir)
     _clear_incomplete(out)
@@ -192,12 +208,9 @@ def build_testbed(
     timings["tokenizer"] = round(time.time() - t0, 2)
 
     train_cfgs = _train_configs(micro, seed)
-    specs = MICRO_SPECS if micro else DEFAULT_SPECS
     models: dict[str, Any] = {}
     plans: dict[str, Any] = {}
     for arch in archs:
-        if arch not in specs:
-            raise ValueError(f"unknown testbed architecture {arch!r}; expected one of {sorted(specs)}")
         tcfg = train_cfgs[arch]
         if epochs is not None:
             tcfg = replace(tcfg, epochs=epochs)
@@ -267,6 +280,8 @@ def build_testbed(
         "files": file_hashes(out),
         "passed": all(m["gates"]["passed"] for m in models.values()),
     }
+    if width is not None:  # only a width-series build records it (the default manifest keeps its keys)
+        manifest["width"] = width
     (out / "manifest.json").write_text(
         json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8"
     )
@@ -301,9 +316,9 @@ def merge_builds(parts: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
     manifests = [json.loads((Path(p) / "manifest.json").read_text(encoding="utf-8")) for p in parts]
     first = manifests[0]
     for m in manifests[1:]:
-        for key in ("generator_version", "seed", "micro", "world_hash", "versions"):
-            if m[key] != first[key]:
-                raise ValueError(f"cannot merge builds that differ in {key}: {m[key]!r} != {first[key]!r}")
+        for key in ("generator_version", "seed", "micro", "width", "world_hash", "versions"):
+            if m.get(key) != first.get(key):
+                raise ValueError(f"cannot merge builds that differ in {key}: {m.get(key)!r} != {first.get(key)!r}")
     shutil.copyfile(Path(parts[0]) / "world.json", out / "world.json")
     models: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -334,9 +349,9 @@ def merge_builds(parts: Sequence[str | Path], out_dir: str | Path) -> dict[str, 
 
 
 def _part_main(argv: Sequence[str]) -> None:
-    """Entry point of one :func:`build_testbed_parallel` child: ``out arch micro(0/1) seed epochs|- world|-``
-    (``world``: the :class:`WorldConfig` fields as JSON)."""
-    out, arch, micro, seed, epochs, world = argv
+    """Entry point of one :func:`build_testbed_parallel` child: ``out arch micro(0/1) seed epochs|- world|-
+    width|-`` (``world``: the :class:`WorldConfig` fields as JSON)."""
+    out, arch, micro, seed, epochs, world, width = argv
     build_testbed(
         out,
         archs=(arch,),
@@ -344,6 +359,7 @@ def _part_main(argv: Sequence[str]) -> None:
         seed=int(seed),
         epochs=None if epochs == "-" else int(epochs),
         world_config=None if world == "-" else WorldConfig(**json.loads(world)),
+        width=None if width == "-" else int(width),
     )
 
 
@@ -363,6 +379,7 @@ def build_testbed_parallel(
     archs: Sequence[str] = ARCHS,
     epochs: int | None = None,
     world_config: WorldConfig | None = None,
+    width: int | None = None,
     poll_seconds: float = 0.5,
 ) -> dict[str, Any]:
     """:func:`build_testbed` with one process per architecture (each trains on one thread), merged with
@@ -379,7 +396,7 @@ def build_testbed_parallel(
     import sys
     import tempfile
 
-    from .train import DEFAULT_SPECS, MICRO_SPECS
+    from .train import DEFAULT_SPECS, MICRO_SPECS, widened
 
     archs = tuple(archs)
     specs = MICRO_SPECS if micro else DEFAULT_SPECS
@@ -388,6 +405,8 @@ def build_testbed_parallel(
         raise ValueError(
             f"archs must be distinct testbed architectures from {sorted(specs)}, got {list(archs)}"
         )
+    for arch in archs:
+        widened(specs[arch], width)  # a bad width is refused before any process starts
     out = Path(out_dir)
     _clear_incomplete(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -397,6 +416,7 @@ def build_testbed_parallel(
     extra = [
         "-" if epochs is None else str(int(epochs)),
         "-" if world_config is None else json.dumps(asdict(world_config)),
+        "-" if width is None else str(int(width)),
     ]
     code = "import sys; from kedit.testbed.build import _part_main; _part_main(sys.argv[1:])"
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-parts-") as tmp:

@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "ModelSpec",
     "TrainConfig",
     "build_model",
+    "widened",
     "encode_examples",
     "plan_steps",
     "train_model",
@@ -86,6 +87,20 @@ class TrainConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+def widened(spec: ModelSpec, width: int | None) -> ModelSpec:
+    """``spec`` at residual width ``width`` (``d_model``; ``n_embd`` / ``hidden_size``), with the MLP width scaled in
+    proportion (GPT-2 stays at 4x, Llama's gated width keeps its ratio, rounded to a whole number) and the same
+    depth and number of heads. ``None`` or the spec's own width returns ``spec`` unchanged. For the width series
+    of ``docs/lifelong.md``: the same world and recipe trained at another width."""
+    if width is None or width == spec.d_model:
+        return spec
+    if isinstance(width, bool) or not isinstance(width, int) or width <= 0 or width % spec.n_heads:
+        raise ValueError(f"width must be a positive multiple of the {spec.n_heads} heads, got {width!r}")
+    if (width // spec.n_heads) % 2:
+        raise ValueError(f"width {width} gives an odd head size {width // spec.n_heads} (rotary needs it even)")
+    return replace(spec, d_model=width, d_mlp=round(spec.d_mlp * width / spec.d_model))
 
 
 def build_model(spec: ModelSpec, vocab_size: int, bos_id: int, eos_id: int, pad_id: int, seed: int) -> Any:
