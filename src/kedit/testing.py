@@ -106,3 +106,20 @@ def tiny_tokenizer(vocab_size: int = 320, text: str = TINY_TEXT):
         unk_token="<|endoftext|>",
     )
     return tok
+
+
+def nano_world_config():
+    """The smallest testbed world the build code accepts (6 persons, 20 filler lines): a build of it with
+    ``micro=True, epochs=1`` takes seconds, for tests of the build machinery (not of what the models learn)."""
+    from kedit.testbed.world import WorldConfig
+
+    return WorldConfig(
+        n_persons=6,
+        n_cities=3,
+        n_countries=2,
+        n_companies=2,
+        n_languages=2,
+        n_professions=2,
+        n_instruments=2,
+        n_filler=20,
+    )

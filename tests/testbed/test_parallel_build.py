@@ -24,18 +24,9 @@ from kedit.testbed.build import (
     incomplete_build,
     verify_manifest,
 )
-from kedit.testbed.world import WorldConfig
+from kedit.testing import nano_world_config
 
-NANO = WorldConfig(
-    n_persons=6,
-    n_cities=3,
-    n_countries=2,
-    n_companies=2,
-    n_languages=2,
-    n_professions=2,
-    n_instruments=2,
-    n_filler=20,
-)
+NANO = nano_world_config()
 
 
 def _partial_build(root: Path) -> None:

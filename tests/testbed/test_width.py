@@ -17,18 +17,9 @@ from kedit.testbed.build import (
     verify_manifest,
 )
 from kedit.testbed.train import DEFAULT_SPECS, MICRO_SPECS, widened
-from kedit.testbed.world import WorldConfig
+from kedit.testing import nano_world_config
 
-NANO = WorldConfig(
-    n_persons=6,
-    n_cities=3,
-    n_countries=2,
-    n_companies=2,
-    n_languages=2,
-    n_professions=2,
-    n_instruments=2,
-    n_filler=20,
-)
+NANO = nano_world_config()
 
 
 def test_widened_scales_the_mlp_with_the_width():

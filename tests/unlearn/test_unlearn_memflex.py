@@ -10,26 +10,14 @@ import pytest
 import torch
 
 from kedit.fingerprint import model_fingerprint
-from kedit.testbed import load_testbed_model
 from kedit.unlearn.methods.base import ForgetRetainData
 from kedit.unlearn.methods.memflex import MemFlexTrainer, localize, locate, random_label_copies
 from kedit.unlearn.run import make_config, run_trainer, unlearn, wrap_lora
 from kedit.unlearn.splits import UnlearnSplit
-from kedit.unlearn.splits import testbed_split as make_split
 
 # on testbed-gpt2 every B passes the paper's σ = 6e-4; this σ locates a strict subset (measured: 2-4 of 12)
 SIGMA = 5e-3
 
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_testbed_model("gpt2")
-
-
-@pytest.fixture(scope="module")
-def split():
-    sp = make_split("forget01")
-    return UnlearnSplit(sp.name, sp.forget, sp.retain[:24], sp.extra, sp.holdout, sp.forget_subjects, sp.info)
 
 
 def test_locate_is_exactly_the_tensors_meeting_both_thresholds():

@@ -13,24 +13,12 @@ from typer.testing import CliRunner
 from kedit.deltas import DenseUpdate, LowRankUpdate, load_delta
 from kedit.eval.protocols import get_protocol
 from kedit.fingerprint import model_fingerprint
-from kedit.testbed import assets_dir, load_testbed_model
+from kedit.testbed import assets_dir
 from kedit.unlearn.methods import get_unlearn_method, list_unlearn_methods
 from kedit.unlearn.methods.base import ForgetRetainData, collate
 from kedit.unlearn.methods.losses import token_mean_nll
 from kedit.unlearn.run import unlearn
 from kedit.unlearn.splits import UnlearnSplit
-from kedit.unlearn.splits import testbed_split as make_split
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_testbed_model("gpt2")
-
-
-@pytest.fixture(scope="module")
-def split():
-    sp = make_split("forget01")
-    return UnlearnSplit(sp.name, sp.forget, sp.retain[:24], sp.extra, sp.holdout, sp.forget_subjects, sp.info)
 
 
 def _forget_nll(model, tok, split):
