@@ -82,10 +82,17 @@ def run_unlearn(
     eval_size: Optional[int] = None,
     json_out: bool = False,
     resume: bool = False,
+    trajectory: bool = False,
+    trajectory_steps: int = 0,
 ) -> None:
     """The body of ``kedit unlearn`` (also ``kedit eval --protocol unlearn/v1``). With ``resume``, an ``out_dir``
     that already holds a finished run of the same model, method, forget set and settings is reported again instead
-    of refused (the protocol's runs are one step, so a finished run is the only resumable state)."""
+    of refused (the protocol's runs are one step, so a finished run is the only resumable state).
+
+    ``trajectory``: record the cheap metrics (:func:`kedit.unlearn.evaluate.trajectory_probe`: forget quality on
+    the whole forget set and on its two person halves A / B, forget truth ratio mean / median, forget probability;
+    scope accuracies on a scope split) at the end of every epoch (and every ``trajectory_steps`` steps when > 0)
+    into ``train.train.trajectory`` of the record. Training, and so the delta, is the same with or without it."""
     from kedit.cli_common import (
         check_model_available,
         err,
@@ -94,7 +101,13 @@ def run_unlearn(
         parse_sets,
         progress_bars,
     )
-    from kedit.unlearn.evaluate import PROTOCOL_ID, evaluate_model, reference_from, scope_summary
+    from kedit.unlearn.evaluate import (
+        PROTOCOL_ID,
+        evaluate_model,
+        reference_from,
+        scope_summary,
+        trajectory_probe,
+    )
     from kedit.unlearn.loaders import load_forget_spec
     from kedit.unlearn.methods.registry import get_unlearn_method
     from kedit.unlearn.run import make_config, unlearn
@@ -129,10 +142,18 @@ def run_unlearn(
     reference = None if no_eval else _reference_model(model, forget, retain_model, tok)
     if reference is None and not no_eval and not split.scopes:
         err.print("no retain model: forget quality is not measured (give --retain-model)", style="yellow")
+    ref_scores = None
+    if reference is not None and (trajectory or not no_eval):
+        with err.status("measuring the retain model"):
+            ref_scores = reference_from(reference[0], tok, split, max_items=eval_size)
+    probe = None
+    if trajectory or trajectory_steps > 0:
+        probe = trajectory_probe(tok, split, ref_scores, groups=_halves(split, eval_size), max_items=eval_size)
     try:
         with progress_bars(not json_out) as bar:
             result = unlearn(m, tok, split, spec.name, cfg,
-                             progress=(lambda s, d, t: bar(s, d, t)) if bar else None)
+                             progress=(lambda s, d, t: bar(s, d, t)) if bar else None,
+                             probe=probe, probe_every_steps=max(0, trajectory_steps))
     except (ValueError, RuntimeError) as e:
         fail(f"{spec.name}: {e}")
         raise
@@ -140,7 +161,6 @@ def run_unlearn(
     if not no_eval:
         with err.status("measuring unlearn/v1"):
             before = scope_summary(m, tok, split)  # KnowUnDo scopes: the pre-unlearning values
-            ref_scores = reference_from(reference[0], tok, split, max_items=eval_size) if reference else None
             with result.delta.applied(m):
                 metrics = evaluate_model(m, tok, split, ref_scores, max_items=eval_size)
         metrics.update({f"{k}_before": v for k, v in before.items()})
@@ -170,6 +190,24 @@ def run_unlearn(
         out_dir.rmdir()
     tmp.rename(out_dir)
     _print_record(record, json_out)
+
+
+def _halves(split: Any, max_items: Optional[int]) -> dict[str, list[int]] | None:
+    """The person halves A / B (:func:`kedit.unlearn.splits.forget_halves`) as indices into the forget items that
+    are measured (the ``max_items`` sample when capped); ``None`` for fewer than two forget persons."""
+    from kedit.unlearn.evaluate import _cap
+    from kedit.unlearn.splits import forget_halves
+
+    try:
+        halves = forget_halves(split)
+    except ValueError:
+        return None
+    items = _cap(split.forget, max_items, 1)
+    out = {}
+    for g, idx in halves.items():
+        who = {split.forget[i].subject for i in idx}
+        out[g] = [i for i, q in enumerate(items) if q.subject in who]
+    return out if all(out.values()) else None
 
 
 def _print_record(record: dict[str, Any], json_out: bool) -> None:
@@ -206,12 +244,17 @@ def register(app: typer.Typer) -> None:
         eval_size: Optional[int] = typer.Option(None, "--eval-size", help="Cap every measured set at N items (a "
                                                 "seeded sample; quick checks, not the protocol's figures)."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+        trajectory: bool = typer.Option(False, "--trajectory", help="Record forget quality (whole forget set and "
+                                        "its person halves A / B), forget truth ratio and probability (scope "
+                                        "accuracies on a scope split) at the end of every epoch into the record."),
+        trajectory_steps: int = typer.Option(0, "--trajectory-steps", help="Also record them every N steps."),
     ) -> None:
         """Unlearn a forget set, save the change as a kedit delta (revertible bitwise) and measure unlearn/v1:
         forget quality against the retain model, model utility (and the retain model's), MIA AUCs, recall of every
         untouched fact."""
         run_unlearn(model, method, forget, out_dir, retain=retain, retain_model=retain_model, sets=sets, lora=lora,
-                    no_eval=no_eval, eval_size=eval_size, json_out=json_out)
+                    no_eval=no_eval, eval_size=eval_size, json_out=json_out, trajectory=trajectory,
+                    trajectory_steps=trajectory_steps)
 
     @app.command("unlearn-retain")
     def unlearn_retain_cmd(

@@ -27,6 +27,7 @@ __all__ = [
     "measure_sets",
     "reference_from",
     "scope_summary",
+    "trajectory_probe",
 ]
 
 PROTOCOL_ID = "unlearn/v1"
@@ -138,3 +139,64 @@ def evaluate_model(
         out["untouched_recall"] = _untouched_recall(model, tok, split, batch_size, max_items)
     out["protocol"] = PROTOCOL_ID
     return out
+
+
+def _median(v: list[float]) -> float:
+    s = sorted(v)
+    n = len(s)
+    if not n:
+        return float("nan")
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def trajectory_probe(
+    tok: Any,
+    split: UnlearnSplit,
+    reference: Reference | None = None,
+    *,
+    groups: dict[str, list[int]] | None = None,
+    batch_size: int = 128,
+    max_items: int | None = None,
+) -> Any:
+    """A :data:`kedit.unlearn.run.Probe` of the cheap metrics, for ``unlearn(..., probe=...)`` (``--trajectory``):
+
+    * ``forget_quality`` (KS p-value against ``reference``'s forget truth ratios, which are fixed, so measured once
+      beforehand), ``forget_Truth_Ratio`` (mean, capped at 1e6 as :func:`summarize` does),
+      ``forget_truth_ratio_median``, ``forget_Q_A_Prob`` -- teacher-forced only, no generation, on the same forget
+      items (and the same ``max_items`` cap) as :func:`evaluate_model`, so the last epoch's figures equal the final
+      evaluation's;
+    * per group ``g`` of ``groups`` (indices into those forget items, e.g. the person halves of
+      :func:`kedit.unlearn.splits.forget_halves`): ``forget_quality_<g>`` (KS against the reference's truth ratios on
+      the same items), ``forget_truth_ratio_median_<g>``;
+    * on a scope split: :func:`scope_summary`'s token accuracies and perplexities.
+    """
+    from .metrics import forget_quality as ks_fq
+
+    items = _cap(split.forget, max_items, 1)
+    ref_tr = list(reference.forget_truth_ratios) if reference is not None else None
+    if ref_tr is not None and len(ref_tr) != len(items):
+        raise ValueError(f"the reference has {len(ref_tr)} forget truth ratios for {len(items)} forget items "
+                         "(give reference_from the same max_items)")
+    for g, idx in (groups or {}).items():
+        if not idx or any(not 0 <= i < len(items) for i in idx):
+            raise ValueError(f"group {g!r} is empty or indexes outside the {len(items)} forget items")
+
+    def probe(model: Any, where: dict[str, Any]) -> dict[str, Any]:
+        s = score_items(model, tok, items, generate=False, batch_size=batch_size)
+        tr = list(s.truth_ratio)
+        rec: dict[str, Any] = {
+            "forget_Truth_Ratio": sum(min(r, 1e6) for r in tr) / len(tr),
+            "forget_truth_ratio_median": _median(tr),
+            "forget_Q_A_Prob": sum(s.prob) / len(s.prob),
+        }
+        if ref_tr is not None:
+            rec["forget_quality"] = ks_fq(tr, ref_tr)
+            for g, idx in (groups or {}).items():
+                rec[f"forget_quality_{g}"] = ks_fq([tr[i] for i in idx], [ref_tr[i] for i in idx])
+        for g, idx in (groups or {}).items():
+            rec[f"forget_truth_ratio_median_{g}"] = _median([tr[i] for i in idx])
+        if split.scopes:
+            rec.update(scope_summary(model, tok, split, batch_size=batch_size))
+        return rec
+
+    return probe

@@ -21,11 +21,14 @@ from .methods.base import ForgetRetainData, UnlearnConfig, collate
 from .methods.registry import get_unlearn_method
 from .splits import UnlearnSplit
 
-__all__ = ["UnlearnResult", "make_config", "run_trainer", "unlearn", "wrap_lora"]
+__all__ = ["Probe", "UnlearnResult", "make_config", "run_trainer", "unlearn", "wrap_lora"]
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
+#: ``probe(model, where) -> metrics``: called on the model being trained (in eval mode, under ``torch.no_grad``)
+#: with ``where = {"epoch": float, "step": int}``; what it returns is recorded in ``log["train"]["trajectory"]``
+Probe = Callable[[Any, dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -55,6 +58,40 @@ def _progress_callback(stage: str, progress: Progress | None, losses: list[float
     return _CB()
 
 
+def _run_probe(model: Any, probe: Probe, where: dict[str, Any]) -> dict[str, Any]:
+    """``probe`` on ``model`` without changing training: eval mode (no dropout draws) under ``no_grad``, the
+    global RNG states forked (so nothing the probe draws moves the training's stream), train mode restored."""
+    was_training = model.training
+    model.eval()
+    t0 = time.time()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            rec = dict(probe(model, dict(where)))
+    finally:
+        model.train(was_training)
+    return {**where, **rec, "probe_seconds": round(time.time() - t0, 3)}
+
+
+def _trajectory_callback(probe: Probe, every_steps: int, out: list[dict[str, Any]]):
+    """Record ``probe`` at the end of every epoch and, with ``every_steps > 0``, every ``every_steps`` steps."""
+    from transformers import TrainerCallback
+
+    class _Traj(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if every_steps > 0 and state.global_step % every_steps == 0:
+                out.append(_run_probe(model, probe, {"epoch": round(float(state.epoch), 4),
+                                                     "step": int(state.global_step), "at": "step"}))
+
+        def on_epoch_end(self, args, state, control, model=None, **kw):
+            if out and out[-1]["step"] == state.global_step:  # already recorded at this step
+                out[-1]["at"] = "epoch"
+                return
+            out.append(_run_probe(model, probe, {"epoch": round(float(state.epoch), 4),
+                                                 "step": int(state.global_step), "at": "epoch"}))
+
+    return _Traj()
+
+
 def run_trainer(
     trainer_cls: type,
     student: Any,
@@ -66,15 +103,22 @@ def run_trainer(
     lr: float,
     stage: str,
     progress: Progress | None = None,
+    probe: Probe | None = None,
+    probe_every_steps: int = 0,
     **trainer_kw: Any,
 ) -> dict[str, Any]:
-    """Train ``student`` in place with ``trainer_cls`` (a :class:`UnlearnTrainer`); returns a small log."""
+    """Train ``student`` in place with ``trainer_cls`` (a :class:`UnlearnTrainer`); returns a small log (with
+    ``trajectory``: the ``probe`` records, when a probe is given)."""
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from kedit.core.batching import device_of, pad_id
 
     losses: list[float] = []
+    trajectory: list[dict[str, Any]] = []
+    callbacks = [_progress_callback(stage, progress, losses)]
+    if probe is not None:
+        callbacks.append(_trajectory_callback(probe, probe_every_steps, trajectory))
     with tempfile.TemporaryDirectory(prefix="kedit-unlearn-") as tmp:
         args = TrainingArguments(
             output_dir=tmp,
@@ -101,7 +145,7 @@ def run_trainer(
             train_dataset=data,
             data_collator=collate(pad_id(tok)),
             unlearn_config=cfg,
-            callbacks=[_progress_callback(stage, progress, losses)],
+            callbacks=callbacks,
             **trainer_kw,
         )
         for cb in (PrinterCallback, ProgressCallback):
@@ -109,7 +153,11 @@ def run_trainer(
         t0 = time.time()
         out = trainer.train()
     student.eval()
-    return {"steps": int(out.global_step), "seconds": round(time.time() - t0, 2), "loss": losses}
+    log = {"steps": int(out.global_step), "seconds": round(time.time() - t0, 2), "loss": losses}
+    if probe is not None:
+        log["trajectory"] = trajectory
+        log["probe_seconds"] = round(sum(r.get("probe_seconds", 0.0) for r in trajectory), 2)
+    return log
 
 
 def _embedding_names(model: Any) -> set[str]:
@@ -170,11 +218,18 @@ def unlearn(
     config: UnlearnConfig | dict[str, Any] | None = None,
     *,
     progress: Progress | None = None,
+    probe: Probe | None = None,
+    probe_every_steps: int = 0,
 ) -> UnlearnResult:
     """Unlearn ``split.forget`` from ``model`` with ``method`` and return the delta (the model is not changed).
 
     ``config``: an :class:`UnlearnConfig` or overrides of the method's defaults. ``progress(stage, step, total)``
     is called after every optimiser step (stages ``strengthen`` for RKLD's teacher, then ``unlearn``).
+
+    ``probe`` (see :data:`Probe`, e.g. :func:`kedit.unlearn.evaluate.trajectory_probe`) is measured on the model
+    being unlearned at the end of every epoch of the ``unlearn`` stage (and every ``probe_every_steps`` steps when
+    > 0); the records are ``log["train"]["trajectory"]``. Probing does not change training: the delta is bitwise
+    the one of the same run without a probe (tested). The delta's meta does not hold the trajectory.
     """
     from kedit.deltas import DenseUpdate, EditDelta, LowRankUpdate
     from kedit.fingerprint import model_fingerprint
@@ -224,7 +279,7 @@ def unlearn(
         ref = model if spec.trainer.needs_reference else None
         log["train"] = run_trainer(
             spec.trainer, trained, tok, data, cfg, epochs=cfg.epochs, lr=cfg.lr, stage="unlearn",
-            progress=progress, ref_model=ref, **extra_kw,
+            progress=progress, ref_model=ref, probe=probe, probe_every_steps=probe_every_steps, **extra_kw,
         )
         updates = []
         if cfg.lora:
@@ -261,7 +316,7 @@ def unlearn(
                 "retain_items": len(split.retain),
                 "forget_subjects": list(split.forget_subjects),
                 "lora": cfg.lora,
-                "train": log["train"],
+                "train": {k: v for k, v in log["train"].items() if k not in ("trajectory", "probe_seconds")},
                 "strengthen": log.get("strengthen"),
                 "located": (log.get("prepare") or {}).get("located"),
             }

@@ -32,6 +32,7 @@ __all__ = [
     "SCOPE_SPLITS",
     "QAItem",
     "UnlearnSplit",
+    "forget_halves",
     "forget_persons",
     "holdout_persons",
     "mentions",
@@ -47,7 +48,15 @@ PERSON_RELATIONS = ("born_in", "citizen_of", "works_for", "profession", "speaks"
 PRIVATE_RELATIONS = ("born_in", "citizen_of", "plays")
 PUBLIC_RELATIONS = ("works_for", "profession", "speaks")
 #: scope split name -> the forget split whose persons it uses
-SCOPE_SPLITS: dict[str, str] = {"privacy01": "forget01", "privacy05": "forget05", "privacy10": "forget10"}
+SCOPE_SPLITS: dict[str, str] = {
+    "privacy01": "forget01",
+    "privacy05": "forget05",
+    "privacy10": "forget10",
+    # the persons of forget10 that are not in forget05 (12 of 24): a person set disjoint from privacy05's
+    "privacy10minus05": "forget10",
+}
+#: scope split name -> the forget split whose persons it leaves out
+_SCOPE_EXCLUDE: dict[str, str] = {"privacy10minus05": "forget05"}
 N_PERTURBED = 5
 _SPLIT_SALT = 1_000_003
 
@@ -119,6 +128,23 @@ def forget_persons(world: World, split: str, seed: int = 0) -> list[str]:
     random.Random(seed * _SPLIT_SALT + 14).shuffle(order)
     k = max(1, round(FORGET_SPLITS[split] * len(persons)))
     return sorted(order[:k])
+
+
+def forget_halves(split: UnlearnSplit, seed: int = 0) -> dict[str, list[int]]:
+    """Two disjoint person halves of ``split``'s forget set, as indices into ``split.forget``: ``{"A": [...],
+    "B": [...]}``. The sorted forget persons are shuffled by ``seed``; A takes the first ``⌈n/2⌉``. Deterministic,
+    and every fact of a person falls in one half (forget10: 12 + 12 persons, 72 + 72 facts). Meant for held-out
+    selection: choose settings / stopping epochs on A, report on B."""
+    persons = sorted({q.subject for q in split.forget})
+    if len(persons) < 2:
+        raise ValueError(f"{split.name}: {len(persons)} forget person(s); two halves need at least 2")
+    order = list(persons)
+    random.Random(seed * _SPLIT_SALT + 2).shuffle(order)
+    a = set(order[: (len(order) + 1) // 2])
+    return {
+        "A": [i for i, q in enumerate(split.forget) if q.subject in a],
+        "B": [i for i, q in enumerate(split.forget) if q.subject not in a],
+    }
 
 
 def mentions(world: World, persons: Sequence[str]) -> list[str]:
@@ -252,20 +278,30 @@ def testbed_scope_split(split: str, world: World | None = None, seed: int = 0) -
     citizenship, sport), the **retention scope** (``retain``) their public facts (:data:`PUBLIC_RELATIONS`:
     employer, profession, language) -- knowledge about the same people that must stay, which is what makes
     over-forgetting visible. ``extra`` holds the TOFU split's ``entities`` / ``world`` utility sets. ``scopes``
-    names both scopes for :func:`kedit.unlearn.metrics.scope_metrics`."""
+    names both scopes for :func:`kedit.unlearn.metrics.scope_metrics`.
+
+    ``privacy10minus05``: the persons of ``forget10`` that are not in ``forget05`` (12 persons, 36 + 36 facts), a
+    person set disjoint from ``privacy05``'s -- tune on privacy05, report on this one."""
     if split not in SCOPE_SPLITS:
         raise ValueError(f"unknown scope split {split!r}; expected one of {sorted(SCOPE_SPLITS)}")
     base = testbed_split(SCOPE_SPLITS[split], world, seed)
-    forget = [q for q in base.forget if q.relation in PRIVATE_RELATIONS]
-    retain = [q for q in base.forget if q.relation in PUBLIC_RELATIONS]
+    excluded: set[str] = set()
+    if split in _SCOPE_EXCLUDE:
+        from kedit.testbed import load_world
+
+        excluded = set(forget_persons(world if world is not None else load_world(), _SCOPE_EXCLUDE[split], seed))
+    persons = [p for p in base.forget_subjects if p not in excluded]
+    forget = [q for q in base.forget if q.relation in PRIVATE_RELATIONS and q.subject not in excluded]
+    retain = [q for q in base.forget if q.relation in PUBLIC_RELATIONS and q.subject not in excluded]
     out = UnlearnSplit(
         name=f"testbed:{split}",
         forget=forget,
         retain=retain,
         extra=base.extra,
-        forget_subjects=base.forget_subjects,
+        forget_subjects=persons,
         info={
-            "forget_persons": len(base.forget_subjects),
+            "forget_persons": len(persons),
+            "excluded_persons_of": _SCOPE_EXCLUDE.get(split),
             "unlearn_scope": len(forget),
             "retention_scope": len(retain),
             "private_relations": list(PRIVATE_RELATIONS),
