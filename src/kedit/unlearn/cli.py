@@ -232,7 +232,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="Model name or directory (testbed-gpt2, testbed-llama, ...)."),
         method: str = typer.Option("npo", "--method", help="grad_ascent, grad_diff, npo, simnpo, rmu, rkld or memflex."),
         forget: str = typer.Option(..., "--forget", help="testbed:forget01|forget05|forget10, testbed:privacy01|"
-                                   "privacy05|privacy10 (KnowUnDo scopes), or a TOFU / KnowUnDo forget file."),
+                                   "privacy05|privacy10|privacy10minus05 (KnowUnDo scopes), or a TOFU / KnowUnDo forget file."),
         retain: Optional[Path] = typer.Option(None, "--retain", help="Retain file for a TOFU / KnowUnDo forget file."),
         out_dir: Path = typer.Option(..., "--out", help="Directory for the delta and unlearn.json (new or empty)."),
         retain_model: Optional[Path] = typer.Option(
