@@ -336,3 +336,84 @@ def test_random_prefix_contexts_are_trained_and_reproducible(gpt2, reqs):
     _no_memory(model)
     with pytest.raises(ValueError, match="n_prefixes"):
         WISEConfig(n_prefixes=-1)
+
+
+def test_router_decides_as_the_reference_einsum_on_many_memories(gpt2, reqs):
+    # the router scores only the real tokens, in one product against the stacked ΔWᵀ (kedit.memory.side): on 41
+    # live memories (synthetic residuals on real masks, keys = the prompts' own activations; memory 40 a copy of
+    # memory 0, so that prompt's row is a tie) it picks the same memory per row, with the same ratio, and
+    # generates the same tokens as the definition's einsum over every position (_reference_ratios)
+    from kedit.arch import get_adapter
+    from kedit.deltas import MemoryEntryUpdate
+    from kedit.memory import add_entries, clear_memory
+    from kedit.memory.side import _reference_ratios
+
+    model, tok = gpt2
+    adapter = get_adapter(model)
+    path, module = adapter.path("mlp_out", 3), adapter.module(model, "mlp_out", 3)
+    texts = [r.text for r in reqs] + [r.paraphrases[0] for r in reqs[:10]] + [r.neighborhood[0].prompt
+                                                                               for r in reqs[:10]]
+    acts = []
+    h = module.register_forward_hook(lambda mod, a, o: acts.append(a[0][0].detach().clone()))
+    try:
+        with torch.no_grad():
+            for t in texts[:40]:
+                model(input_ids=torch.tensor([tok(t)["input_ids"]]))
+    finally:
+        h.remove()
+    g = torch.Generator().manual_seed(0)
+    centre = torch.stack([x.mean(0) for x in acts]).mean(0)
+    n_mask = shard_mask(0, 640 * 160, 0.2).numel()
+    updates = []
+    for j in range(41):
+        src = j % 40
+        ids = tok(texts[src])["input_ids"]
+        mask = shard_mask(1000 + src, 640 * 160, 0.2)
+        # noise plus a rank-one part that answers the memory's own prompt (so most prompts pick their own memory)
+        aligned = torch.outer(torch.randn(160, generator=g), acts[src].mean(0) - centre).reshape(-1)[mask]
+        value = ((torch.randn(n_mask, generator=g) * 0.1 + aligned) * 5) if j < 40 else updates[0].value.clone()
+        info = {"edit_id": f"r{j}", "module": path, "label": f"l{j}", "epsilon": 1.0, "method": "wise",
+                "mask_seed": 1000 + src, "mask_ratio": 0.2, "n_tokens": len(ids), "n_prompt": len(ids),
+                "act_ratio": 0.88, "density": 0.8, "memory": j, "shard": 0, "tokens": ids + [ids[-1]]}
+        updates.append(MemoryEntryUpdate(f"{path}#wise:r{j}", acts[src].reshape(-1), value, info))
+    plain = greedy_answers(model, tok, texts, max_new_tokens=5)
+    add_entries(model, updates)
+    try:
+        mem = _side(model)
+        assert len(mem.deltas) == 41 and torch.equal(mem.deltas[0], mem.deltas[40])
+        # direct: random activations, a left-padded mask (one row all padding)
+        a = torch.randn(6, 9, 640, generator=g)
+        real = torch.ones(6, 9, dtype=torch.long)
+        real[1, :4] = 0
+        real[2, :8] = 0
+        real[3] = 0
+        for r in (real, None):
+            got, want = mem.ratios(a, r), _reference_ratios(mem, a, r)
+            assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], rtol=1e-6, atol=0)
+        # generation: the same decisions per row and the same tokens, batched (left-padded) as the evaluation does
+        seen = []
+        fast = mem.ratios
+
+        def spy(acts, real=None, fn=fast):
+            out = fn(acts, real)
+            seen.append(out)
+            return out
+
+        mem.ratios = spy
+        live = greedy_answers(model, tok, texts, max_new_tokens=5)
+        mem.ratios = lambda acts, real=None: spy(acts, real, fn=lambda x, m: _reference_ratios(mem, x, m))
+        ref = greedy_answers(model, tok, texts, max_new_tokens=5)
+        del mem.ratios
+        assert live == ref
+        assert len(seen) == 2
+        (b_fast, id_fast), (b_ref, id_ref) = seen
+        assert torch.equal(id_fast, id_ref) and torch.allclose(b_fast, b_ref, rtol=1e-6, atol=0)
+        routed = id_fast[b_fast > 1.0]
+        assert len(set(routed.tolist())) >= 15 and int((b_fast <= 1.0).sum()) >= 1
+        # memories 0 and 40 tie in exact arithmetic on the first prompt: the rounding of the product decides, the
+        # same way in both routers (checked above)
+        assert int(id_fast[0]) in (0, 40)
+        assert sum(x != y for x, y in zip(live, plain)) >= 5  # the memories answer
+    finally:
+        clear_memory(model)
+    _no_memory(model)

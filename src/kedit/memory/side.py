@@ -268,27 +268,44 @@ class MemoryState:
         return float(info["act_ratio"]) * min(s_full, s_prompt)
 
     def stack(self) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
-        """``(memory ids, ΔW [M, d_out, d_in], ε [M])`` of the live memories, or ``None`` without any."""
+        """``(memory ids, ΔWᵀ [d_in, M · d_out], ε [M])`` of the live memories (columns ``j · d_out …`` are memory
+        ``ids[j]``'s ``ΔW_jᵀ``, contiguous: the router's one product), or ``None`` without any. Built on first use
+        after a change of the memories (:meth:`_materialise` drops it: add, remove, restore, load)."""
         if self._stack is None and self.deltas:
             order = sorted(self.deltas)
-            d = torch.stack([self.deltas[m] for m in order])
-            eps = torch.tensor([self.eps[m] for m in order], dtype=d.dtype, device=d.device)
-            self._stack = (order, d, eps)
+            first = self.deltas[order[0]]
+            dt = torch.empty(self.d_in, len(order) * self.d_out, dtype=first.dtype, device=first.device)
+            for j, m in enumerate(order):
+                dt[:, j * self.d_out:(j + 1) * self.d_out].copy_(self.deltas[m].T)
+            eps = torch.tensor([self.eps[m] for m in order], dtype=first.dtype, device=first.device)
+            self._stack = (order, dt, eps)
         return self._stack
+
+    def _token_scores(self, a: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """``‖a_t ΔW_mᵀ‖₂`` ``[n, M]`` of token activations ``a [n, d_in]``: one ``[n, d_in] × [d_in, M · d_out]``
+        product against the stacked transposes."""
+        return torch.linalg.vector_norm((a @ dt).view(a.shape[0], -1, self.d_out), dim=-1)
 
     def ratios(self, acts: torch.Tensor, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ratio [B], memory id [B])`` of ``acts [B, T, d_in]``: the memory ``m* = argmax_m Δ_act_m`` and its
-        ``Δ_act_m* / ε_m*``; ids are ``-1`` without memories."""
+        ``Δ_act_m* / ε_m*``; ids are ``-1`` without memories.
+
+        Only the real tokens (``real`` set) are scored; padded positions get 0 and the token mean is the one of
+        :func:`_reference_ratios` (the per-memory einsum over every position), term for term."""
         st = self.stack()
         if st is None:
             return torch.zeros(acts.shape[0]), torch.full((acts.shape[0],), -1, dtype=torch.long)
-        order, d, eps = st
-        a = acts.to(device=d.device, dtype=d.dtype)
-        per_tok = torch.linalg.vector_norm(torch.einsum("btk,mok->btmo", a, d), dim=-1)  # [B, T, M]
+        order, dt, eps = st
+        a = acts.to(device=dt.device, dtype=dt.dtype)
+        b, t = a.shape[0], a.shape[1]
         if real is None:
-            score = per_tok.mean(dim=1)
+            score = self._token_scores(a.reshape(b * t, -1), dt).view(b, t, -1).mean(dim=1)
         else:
-            r = real.to(device=per_tok.device, dtype=per_tok.dtype).unsqueeze(-1)
+            r = real.to(device=dt.device, dtype=dt.dtype)
+            sel = r != 0
+            per_tok = torch.zeros(b, t, len(order), dtype=dt.dtype, device=dt.device)
+            per_tok[sel] = self._token_scores(a[sel], dt)
+            r = r.unsqueeze(-1)
             score = (per_tok * r).sum(dim=1) / r.sum(dim=1).clamp_min(1)
         where = score.argmax(dim=1)  # the memory whose activation score is highest (the paper's retrieval) ...
         best = (score / eps).gather(1, where.unsqueeze(1)).squeeze(1)  # ... answers if above its own threshold
@@ -300,12 +317,33 @@ class MemoryState:
         st = self.stack()
         if st is None:
             return torch.zeros(0)
-        order, d, _ = st
+        order, dt, _ = st
         keep = [j for j, m in enumerate(order) if m != exclude]
         if not keep:
-            return torch.zeros(0, dtype=d.dtype, device=d.device)
-        a = acts.to(device=d.device, dtype=d.dtype)
-        return torch.linalg.vector_norm(torch.einsum("tk,mok->mto", a, d[keep]), dim=-1).mean(dim=1)
+            return torch.zeros(0, dtype=dt.dtype, device=dt.device)
+        a = acts.to(device=dt.device, dtype=dt.dtype)
+        return self._token_scores(a, dt).mean(dim=0)[keep]
+
+
+def _reference_ratios(state: MemoryState, acts: torch.Tensor, real: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router by its definition, for the tests: every position of ``acts [B, T, d_in]`` against every memory
+    (einsum ``btk,mok->btmo``, padding scored then masked out); :meth:`MemoryState.ratios` must decide the same."""
+    if not state.deltas:
+        return torch.zeros(acts.shape[0]), torch.full((acts.shape[0],), -1, dtype=torch.long)
+    order = sorted(state.deltas)
+    d = torch.stack([state.deltas[m] for m in order])
+    eps = torch.tensor([state.eps[m] for m in order], dtype=d.dtype, device=d.device)
+    a = acts.to(device=d.device, dtype=d.dtype)
+    per_tok = torch.linalg.vector_norm(torch.einsum("btk,mok->btmo", a, d), dim=-1)  # [B, T, M]
+    if real is None:
+        score = per_tok.mean(dim=1)
+    else:
+        r = real.to(device=per_tok.device, dtype=per_tok.dtype).unsqueeze(-1)
+        score = (per_tok * r).sum(dim=1) / r.sum(dim=1).clamp_min(1)
+    where = score.argmax(dim=1)
+    best = (score / eps).gather(1, where.unsqueeze(1)).squeeze(1)
+    return best, torch.tensor(order, device=where.device)[where]
 
 
 class _Hook:
@@ -346,7 +384,6 @@ class SideMemory(MemoryState):
         st = self.stack()
         if st is None or self.suspended or not isinstance(output, torch.Tensor) or x.ndim < 2:
             return None
-        order, d, _ = st
         x3 = x if x.ndim == 3 else x.unsqueeze(0)
         b, t = x3.shape[0], x3.shape[1]
         mask, past = self._ctx if self._ctx is not None else (None, 0)
@@ -364,13 +401,13 @@ class SideMemory(MemoryState):
         go = chosen >= 0
         if not bool(go.any()):
             return None  # the main memory: the module's own output, untouched
-        pos = {m: j for j, m in enumerate(order)}
         out3 = output if output.ndim == 3 else output.unsqueeze(0)
         new = out3.clone()
         for m in sorted(set(chosen[go].tolist())):  # one product per memory in use (no per-row copies of ΔW)
             rows = (chosen == m).to(new.device)
+            d = self.deltas[m]
             a = x3[rows.to(x3.device)].to(device=d.device, dtype=d.dtype)
-            side = a @ d[pos[m]].T
+            side = a @ d.T
             new[rows] = (out3[rows].to(side.dtype) + side.to(new.device)).to(new.dtype)
         return new.view_as(output)
 
