@@ -22,6 +22,7 @@ __all__ = [
     "load_runs",
     "metric_id",
     "LIFELONG_COLUMNS",
+    "lifelong_label",
     "lifelong_points",
     "plot_lifelong",
     "plot_metric_bars",
@@ -248,14 +249,39 @@ def _lifelong_text(name: str, entry: dict[str, Any] | None) -> str:
     return format_cell(entry)
 
 
-def lifelong_points(run: EvalRun, metric: str) -> list[tuple[float, float]]:
-    """(number of edits, metric) at each checkpoint of a lifelong run (``[]`` for other runs)."""
+def lifelong_points(run: EvalRun, metric: str, *, relative: bool = False) -> list[tuple[float, float]]:
+    """(number of edits, metric) at each checkpoint of a lifelong run (``[]`` for other runs). ``relative``: the
+    metric divided by its value on the unedited model (``pre_mean``; checkpoints without one are left out), e.g.
+    perplexity as a ratio to the base model's."""
     pts = []
     for c in run.summary.get("checkpoints") or []:
-        m = (c["metrics"].get(metric) or {}).get("mean")
-        if m is not None:
-            pts.append((float(c["n_edits"]), float(m)))
+        e = c["metrics"].get(metric) or {}
+        m = e.get("mean")
+        if m is None:
+            continue
+        if relative:
+            base = e.get("pre_mean")
+            if not base:
+                continue
+            m = m / base
+        pts.append((float(c["n_edits"]), float(m)))
     return pts
+
+
+def lifelong_label(run: EvalRun) -> str:
+    """The curve's name: method, the strategy options that change it (``+NAS`` for ``norm_anchor``, the strategy
+    when it is not the method's default ``spread`` and not already in the method name), k, model, and
+    ``(incomplete)`` for a run stopped before T."""
+    s = run.summary
+    cfg = run.manifest.get("method_config") or {}
+    name = str(s["method"])
+    strategy = cfg.get("strategy")
+    if strategy and strategy != "spread" and not name.endswith(str(strategy)):
+        name += f"-{strategy}"
+    if cfg.get("norm_anchor"):
+        name += "+NAS"
+    label = f"{name} k={s.get('batch_size')} {s.get('model', '')}".rstrip()
+    return label + ("" if s.get("complete", True) else " (incomplete)")
 
 
 def plt_null_formatter():
@@ -265,37 +291,54 @@ def plt_null_formatter():
     return NullFormatter()
 
 
+#: perplexity above this multiple of the unedited model's is a collapse (the line drawn on the perplexity panel)
+COLLAPSE_PPL_RATIO = 2.0
+
+
 def plot_lifelong(runs: Sequence[EvalRun], path: str | os.PathLike[str],
                   columns: Sequence[str] = LIFELONG_COLUMNS) -> Path | None:
-    """Lifelong curves: one panel per metric, metric vs number of edits (log x), one line per method (and k);
-    ``None`` if no run is lifelong."""
+    """Lifelong curves: one panel per metric, metric vs number of edits (log x), one line per run
+    (:func:`lifelong_label`); perplexity as a ratio to the unedited model on a log axis, with the collapse line at
+    :data:`COLLAPSE_PPL_RATIO` × base; ``None`` if no run is lifelong. Runs on the same model share a line style
+    (solid for the first model, dashed, dotted ...), so more than ten runs stay apart."""
     ll = [r for r in runs if r.summary.get("checkpoints")]
     if not ll:
         return None
     cols = list(columns)
     ncols = 4
-    nrows = (len(cols) + ncols - 1) // ncols
+    side_legend = len(ll) > 4  # many runs: the legend gets a panel of its own, not the data's
+    nrows = (len(cols) + side_legend + ncols - 1) // ncols
     fig = _figure(ncols, nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     xs = [c["n_edits"] for r in ll for c in r.summary["checkpoints"]]
+    models = list(dict.fromkeys(str(r.summary.get("model")) for r in ll))
+    styles = ("-", "--", ":", "-.")
+    markers = ("o", "s", "^", "D", "v", "P", "X", "*")
     for ax, col in zip(axes, cols):
         ys: list[float] = []
+        ratio = col == "capability/perplexity"
         for i, r in enumerate(ll):
-            pts = lifelong_points(r, col)
+            pts = lifelong_points(r, col, relative=ratio)
             if col == "cost/memory_bytes":
                 pts = [(x, y / 2**20) for x, y in pts]
             if pts:
-                label = f"{r.summary['method']} k={r.summary.get('batch_size')}"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{i}", label=label)
+                ls = styles[models.index(str(r.summary.get("model"))) % len(styles)]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[(i // 10) % len(markers)], ms=3,
+                        color=f"C{i % 10}", linestyle=ls, label=lifelong_label(r))
                 ys += [p[1] for p in pts]
         ax.set_xscale("log")
         ax.set_xlim(min(xs) / 1.2, max(xs) * 1.2)  # every panel on the same x range, even one with fewer points
         ax.xaxis.set_minor_formatter(plt_null_formatter())
         ax.set_xlabel("number of edits")
-        ax.set_title(col + (" (MiB)" if col == "cost/memory_bytes" else ""), fontsize=9)
+        title = col + (" (MiB)" if col == "cost/memory_bytes" else "")
+        ax.set_title(f"perplexity / base (log; -- {COLLAPSE_PPL_RATIO:g}× = collapse)" if ratio else title, fontsize=9)
         if not ys:
             continue
-        if col.startswith(("cost/", "capability/")):
+        if ratio:
+            ax.set_yscale("log")
+            ax.axhline(COLLAPSE_PPL_RATIO, color="grey", linestyle="--", linewidth=0.8)
+            ax.set_ylim(min(min(ys), 1.0) / 1.1, max(max(ys), COLLAPSE_PPL_RATIO) * 1.3)
+        elif col.startswith(("cost/", "capability/")):
             lo, hi = min(ys), max(ys)
             pad = max(hi - lo, 0.05 * abs(hi), 1e-9) * 0.5  # a flat curve is drawn flat, not magnified noise
             ax.set_ylim(max(lo - pad, 0.0) if lo >= 0 else lo - pad, hi + pad)
@@ -303,7 +346,14 @@ def plot_lifelong(runs: Sequence[EvalRun], path: str | os.PathLike[str],
             ax.set_ylim(-0.02, 1.02)
     for ax in axes[len(cols):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize=7)
+    if side_legend:
+        handles, labels = axes[0].get_legend_handles_labels()
+        free = axes[len(cols)]
+        free.set_visible(True)
+        free.axis("off")
+        free.legend(handles, labels, fontsize=6, loc="center")
+    else:
+        axes[0].legend(fontsize=7)
     p = Path(path)
     fig.savefig(p, dpi=110)
     return p
