@@ -138,3 +138,20 @@ def test_cli_json_contract_and_errors(tmp_path):
     assert again.exit_code == 2 and "not an empty directory" in again.output
     other = runner.invoke(app, ["finetune", "--model", str(tmp_path), "--out", str(tmp_path / "y")])
     assert other.exit_code == 2 and "not a testbed model" in other.output and not (tmp_path / "y").exists()
+
+
+def test_lm_loss_equals_the_models_own_causal_lm_loss(gpt2, caplog):
+    """Our loss (computed from the logits, so transformers' loss look-up never runs or warns) is the model's own
+    ``labels=`` loss on a padded batch."""
+    import logging
+
+    from kedit.finetune.run import _batch, _lm_loss
+
+    model, tok = gpt2
+    rows = [tok("Alice lives in Paris.")["input_ids"], tok("Bob.")["input_ids"]]
+    batch = _batch(rows, tok.pad_token_id or 0, "cpu")
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        ours = _lm_loss(model, batch)
+        assert not any("loss_type" in r.getMessage() for r in caplog.records)
+        theirs = model(**batch).loss
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-6)

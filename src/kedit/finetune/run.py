@@ -141,7 +141,12 @@ def _batches(rows: list[list[int]], cfg: FinetuneConfig, epochs: float, seed: in
 
 
 def _lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**batch).loss
+    """Mean next-token NLL over the labelled tokens, computed here (not through ``model(labels=...)``, whose loss
+    look-up warns on GPT-2's class name) -- the same value as the model's own causal-LM loss."""
+    from kedit.unlearn.methods.losses import token_mean_nll
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_mean_nll(logits, batch["labels"])
 
 
 def _lora_paths(model: Any, cfg: FinetuneConfig) -> dict[str, int]:
