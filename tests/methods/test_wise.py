@@ -417,3 +417,33 @@ def test_router_decides_as_the_reference_einsum_on_many_memories(gpt2, reqs):
     finally:
         clear_memory(model)
     _no_memory(model)
+
+
+def test_hard_cross_prompts_are_the_most_similar_and_zero_keeps_random_draws():
+    # n_cross_similar picks the other memories' prompts closest (cosine of the mean prompt activation) to the new
+    # edit's prompt; 0 is the random draw of before, element for element
+    from types import SimpleNamespace
+
+    from kedit.methods.wise import WISEConfig, _cross, _sample
+
+    g = torch.Generator().manual_seed(3)
+    d_in, recs = 12, {}
+    for j in range(40):
+        n_tok, n_p = 6, 4
+        recs[f"e{j:02d}"] = SimpleNamespace(key=torch.randn(n_tok * d_in, generator=g),
+                                            info={"n_tokens": n_tok, "n_prompt": n_p})
+    state = SimpleNamespace(records=recs)
+    others = sorted(recs)
+    a_prompt = torch.randn(4, d_in, generator=g)
+    assert _cross(state, others, a_prompt, WISEConfig(n_cross=10), 7) == _sample(others, 10, 7)
+    assert _cross(state, others[:5], a_prompt, WISEConfig(n_cross=10, n_cross_similar=3), 7) == others[:5]
+    got = _cross(state, others, a_prompt, WISEConfig(n_cross=10, n_cross_similar=4), 7)
+    assert len(got) == len(set(got)) == 10
+    q = a_prompt.double().mean(0)
+    cos = {i: float(torch.nn.functional.cosine_similarity(
+        recs[i].key.view(6, d_in)[:4].double().mean(0), q, dim=0)) for i in others}
+    top = sorted(others, key=lambda i: -cos[i])[:4]
+    assert set(got[:4]) == set(top)
+    assert min(cos[i] for i in got[:4]) > max(cos[i] for i in others if i not in top)
+    with pytest.raises(ValueError, match="n_cross_similar"):
+        WISEConfig(n_cross=4, n_cross_similar=5)

@@ -87,6 +87,10 @@ class WISEConfig:
         replay: earlier edits of the same memory whose NLL is kept in the loss (0: none, the paper's setting).
         replay_weight: weight of their NLL.
         n_cross: prompts of edits in other memories used as irrelevant inputs of the margins.
+        n_cross_similar: of those, this many are the *hardest* ones instead of random draws: the other memories'
+            prompts whose mean activation at the layer is closest (cosine) to this edit's prompt's (a later memory
+            of the same template is what takes an earlier edit's prompt over); the other ``n_cross −
+            n_cross_similar`` stay random. 0: all random.
         n_prefixes: random-prefix contexts per edit (the paper's augmented contexts): the target NLL is also taken
             after ``prefix ⊕ prompt`` for this many short texts of the editing corpus (0: the prompt alone; measured
             in docs/methods/wise.md: with 4, more paraphrases hit on a stream of few subjects, not on the lifelong
@@ -113,6 +117,7 @@ class WISEConfig:
     replay: int = 4
     replay_weight: float = 1.0
     n_cross: int = 64
+    n_cross_similar: int = 0
     n_prefixes: int = 0
     prefix_words: int = 6
     n_irrelevant: int = 8
@@ -137,6 +142,9 @@ class WISEConfig:
             raise ValueError("wise: edits_per_memory and n_shards must be ≥ 1")
         if self.replay < 0 or self.n_cross < 0 or self.replay_weight < 0:
             raise ValueError("wise: replay, replay_weight and n_cross must be ≥ 0")
+        if not 0 <= self.n_cross_similar <= self.n_cross:
+            raise ValueError(f"wise: n_cross_similar must be in [0, n_cross = {self.n_cross}], "
+                             f"got {self.n_cross_similar}")
         if self.n_prefixes < 0 or self.prefix_words < 1:
             raise ValueError("wise: n_prefixes must be ≥ 0 and prefix_words ≥ 1")
         if not 0.0 <= self.layer_fraction <= 1.0:
@@ -248,6 +256,25 @@ def _sample(ids: list[str], n: int, seed: int) -> list[str]:
     return [ids[j] for j in sorted(torch.randperm(len(ids), generator=g)[:n].tolist())]
 
 
+def _cross(state: MemoryState, others: list[str], a_prompt: torch.Tensor, cfg: WISEConfig, seed: int) -> list[str]:
+    """The ids of the other memories' edits whose prompts serve as irrelevant inputs: the ``n_cross_similar``
+    closest by cosine of the mean prompt activation (ties by stream order), then random draws of the rest."""
+    if len(others) <= cfg.n_cross:
+        return list(others)
+    hard: list[str] = []
+    if cfg.n_cross_similar:
+        q = a_prompt.double().mean(0)
+        means = torch.stack([state.records[i].key.view(int(state.records[i].info["n_tokens"]), -1)
+                             [: int(state.records[i].info["n_prompt"])].double().mean(0).to(q.device)
+                             for i in others])
+        cos = torch.nn.functional.cosine_similarity(means, q.unsqueeze(0), dim=1)
+        order = torch.argsort(-cos, stable=True)[: cfg.n_cross_similar].tolist()
+        hard = [others[j] for j in sorted(order)]
+    chosen = set(hard)
+    rest = [i for i in others if i not in chosen]
+    return hard + _sample(rest, cfg.n_cross - len(hard), seed)
+
+
 def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, ctx: EditContext,
               state: MemoryState, label: str):
     device = device_of(model)
@@ -300,7 +327,7 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
 
     old_acts = [(r.key.view(int(r.info["n_tokens"]), d_in).to(device, cdt), int(r.info["n_prompt"])) for r in old]
     others = [i for i in state.records if state.memory_of(i) != m]
-    cross = [state.records[i] for i in _sample(others, cfg.n_cross, seed + 1)]
+    cross = [state.records[i] for i in _cross(state, others, a_prompt, cfg, seed + 1)]
     irr = [_acts(model, module, t, cdt) for t in _irrelevant(tok, texts, cfg, seed)]
     irr += [r.key.view(int(r.info["n_tokens"]), d_in)[: int(r.info["n_prompt"])].to(device, cdt) for r in cross]
     vals = torch.zeros(idx.numel(), dtype=cdt, device=device, requires_grad=True)
