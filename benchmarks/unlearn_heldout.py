@@ -93,7 +93,8 @@ def main() -> None:
         return evaluate_model(m, tok, split, ref)
 
     keys = ("forget_quality", "model_utility", "forget_Truth_Ratio", "forget_Q_A_Prob", "forget_recall",
-            "untouched_recall", "mia_loss_auc")
+            "untouched_recall", "mia_loss_auc") + tuple(
+        f"{s}_{m}" for s in ("retain", "entities", "world") for m in ("Q_A_Prob", "Q_A_ROUGE", "Truth_Ratio"))
     order = sorted(traj, key=lambda r: (-r["forget_quality_A"], r["step"]))
     checks = []
     chosen = None

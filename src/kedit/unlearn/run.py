@@ -21,7 +21,7 @@ from .methods.base import ForgetRetainData, UnlearnConfig, collate
 from .methods.registry import get_unlearn_method
 from .splits import UnlearnSplit
 
-__all__ = ["Probe", "UnlearnResult", "make_config", "run_trainer", "unlearn", "wrap_lora"]
+__all__ = ["Probe", "UnlearnResult", "make_config", "run_trainer", "saturation_levels", "unlearn", "wrap_lora"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,67 @@ def run_trainer(
     return log
 
 
+def _quantile(v: list[float], q: float) -> float:
+    """Linear-interpolation quantile of ``v`` (numpy's default)."""
+    s = sorted(v)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (pos - lo) * (s[hi] - s[lo])
+
+
+def saturation_levels(model: Any, tok: Any, split: UnlearnSplit, cfg: UnlearnConfig) -> list[float] | None:
+    """Per forget item, the mean answer-token NLL at which its forget term stops (``cfg.saturation``; ``None``
+    when ``"none"``), measured on ``model`` -- the *original*, before unlearning -- on ``split.holdout``: facts of
+    never-trained persons, i.e. what the model's loss is on comparable text it never saw. No retain model is used.
+
+    * ``"holdout"``: the ``cfg.saturation_quantile`` quantile of the holdout NLLs of the item's relation (all
+      holdout items when the relation has none);
+    * ``"holdout_pair"``: forget items and holdout items of each relation are matched by a seeded permutation
+      (cycled when the holdout has fewer); the level is the matched item's NLL.
+    """
+    import random
+
+    from .metrics import score_items
+
+    if cfg.saturation == "none":
+        return None
+    if cfg.saturation not in ("holdout", "holdout_pair"):
+        raise ValueError(f"unknown saturation {cfg.saturation!r} (none, holdout, holdout_pair)")
+    if not 0.0 <= cfg.saturation_quantile <= 1.0:
+        raise ValueError(f"saturation_quantile must be in [0, 1], got {cfg.saturation_quantile}")
+    if not split.holdout:
+        raise ValueError(f"saturation {cfg.saturation!r} needs the split's holdout items; {split.name} has none")
+    was_training = model.training
+    model.eval()
+    try:
+        nll = score_items(model, tok, split.holdout, generate=False).nll
+    finally:
+        model.train(was_training)
+    by_rel: dict[str, list[float]] = {}
+    for it, x in zip(split.holdout, nll):
+        by_rel.setdefault(it.relation, []).append(float(x))
+    if cfg.saturation == "holdout":
+        pooled = _quantile([float(x) for x in nll], cfg.saturation_quantile)
+        level = {r: _quantile(v, cfg.saturation_quantile) for r, v in by_rel.items()}
+        return [level.get(it.relation, pooled) for it in split.forget]
+    rng = random.Random(cfg.seed * 7919 + 13)
+    pools: dict[str, list[float]] = {}
+    for r, v in sorted(by_rel.items()):
+        pools[r] = list(v)
+        rng.shuffle(pools[r])
+    allv = [float(x) for x in nll]
+    rng.shuffle(allv)
+    seen: dict[str, int] = {}
+    out = []
+    for it in split.forget:
+        pool = pools.get(it.relation, allv)
+        k = seen.get(it.relation, 0)
+        seen[it.relation] = k + 1
+        out.append(pool[k % len(pool)])
+    return out
+
+
 def _embedding_names(model: Any) -> set[str]:
     """Names of the parameters of the input/output embeddings and of learned position embeddings."""
     emb = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
@@ -240,9 +301,20 @@ def unlearn(
     split.check()
     if cfg.lora and not spec.lora:
         raise ValueError(f"unlearning method {spec.name!r} has no LoRA variant")
+    if cfg.saturation != "none" and not getattr(spec.trainer, "supports_saturation", False):
+        raise ValueError(f"unlearning method {spec.name!r} has no per-item saturation (npo, simnpo have)")
+    if cfg.retain_loss not in ("nll", "kl"):
+        raise ValueError(f"unknown retain_loss {cfg.retain_loss!r} (nll, kl)")
+    if cfg.retain_loss != "nll" and not getattr(spec.trainer, "uses_retain_term", False):
+        raise ValueError(f"unlearning method {spec.name!r} has its own retain term; retain_loss applies to "
+                         "grad_diff, npo, simnpo")
     base_fp = model_fingerprint(model)
-    data = ForgetRetainData(tok, split.forget, split.retain, seed=cfg.seed, max_length=cfg.max_length)
+    caps = saturation_levels(model, tok, split, cfg)
+    data = ForgetRetainData(tok, split.forget, split.retain, seed=cfg.seed, max_length=cfg.max_length,
+                            forget_caps=caps, retain_pairs=cfg.retain_pairs)
     log: dict[str, Any] = {"method": spec.name, "config": cfg.to_dict(), "split": split.name}
+    if caps is not None:
+        log["saturation_levels"] = {"min": min(caps), "median": _quantile(caps, 0.5), "max": max(caps)}
     t0 = time.time()
     extra_kw: dict[str, Any] = {}
     with keep_grad_flags(model, freeze=True):
@@ -276,7 +348,7 @@ def unlearn(
         prepare = getattr(spec.trainer, "prepare", None)
         if prepare is not None:  # e.g. MemFlex: localise, then freeze what is not located
             log["prepare"] = prepare(trained, tok, data, cfg)
-        ref = model if spec.trainer.needs_reference else None
+        ref = model if spec.trainer.needs_reference or cfg.retain_loss == "kl" else None
         log["train"] = run_trainer(
             spec.trainer, trained, tok, data, cfg, epochs=cfg.epochs, lr=cfg.lr, stage="unlearn",
             progress=progress, ref_model=ref, probe=probe, probe_every_steps=probe_every_steps, **extra_kw,

@@ -43,6 +43,19 @@ class UnlearnConfig:
     #: weight of the forget term (GradDiff/NPO/SimNPO: γ) and of the retain term (α)
     forget_weight: float = 1.0
     retain_weight: float = 1.0
+    #: the retain term of GradDiff / NPO / SimNPO: ``"nll"`` (NLL of the retain answers) or ``"kl"``
+    #: (``KL(p_θ ‖ p_0)`` to the frozen original over the retain answer positions, the distribution kept whole)
+    retain_loss: str = "nll"
+    #: per-item saturation of the forget term (NPO / SimNPO): ``"none"``; ``"holdout"``: an item stops being pushed
+    #: once its mean answer-token NLL reaches the ``saturation_quantile`` quantile of the *original* model's NLL on
+    #: the split's never-trained holdout items of the same relation; ``"holdout_pair"``: each forget item is paired
+    #: (seeded) with one holdout item of its relation and stops at that item's NLL (the spread of never-trained
+    #: losses kept). No retain model is involved (:func:`kedit.unlearn.run.saturation_levels`).
+    saturation: str = "none"
+    saturation_quantile: float = 0.5
+    #: retain items paired with each forget item (the retain part of a batch has ``batch_size × retain_pairs``
+    #: rows); the pairing is fixed for the run, so with 1 only ``len(forget)`` retain items are ever seen
+    retain_pairs: int = 1
     #: NPO / SimNPO inverse temperature; SimNPO margin δ
     beta: float = 0.1
     delta: float = 0.0
@@ -100,22 +113,44 @@ def encode_qa(tok: Any, question: str, answer: str, max_length: int) -> tuple[li
 class ForgetRetainData(torch.utils.data.Dataset):
     """Forget items each paired with a retain item (seeded), as encoded id lists."""
 
-    def __init__(self, tok: Any, forget: Sequence[Any], retain: Sequence[Any], *, seed: int, max_length: int):
+    def __init__(
+        self,
+        tok: Any,
+        forget: Sequence[Any],
+        retain: Sequence[Any],
+        *,
+        seed: int,
+        max_length: int,
+        forget_caps: Sequence[float] | None = None,
+        retain_pairs: int = 1,
+    ):
         if not forget:
             raise ValueError("the forget set is empty")
+        if forget_caps is not None and len(forget_caps) != len(forget):
+            raise ValueError(f"{len(forget_caps)} saturation levels for {len(forget)} forget items")
+        self.forget_caps = None if forget_caps is None else [float(c) for c in forget_caps]
         self.forget = [encode_qa(tok, it.question, it.answer, max_length) for it in forget]
         self.retain = [encode_qa(tok, it.question, it.answer, max_length) for it in retain]
+        if retain_pairs < 1:
+            raise ValueError(f"retain_pairs must be ≥ 1, got {retain_pairs}")
         order = list(range(len(self.retain)))
         random.Random(seed).shuffle(order)
-        self.pair = [order[i % len(order)] for i in range(len(self.forget))] if order else []
+        k = retain_pairs
+        #: retain partners of forget item i: the next k of the seeded order (cycled when the retain set is smaller)
+        self.pairs = [[order[(i * k + j) % len(order)] for j in range(k)] for i in range(len(self.forget))] \
+            if order else []
+        self.pair = [p[0] for p in self.pairs]
 
     def __len__(self) -> int:
         return len(self.forget)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        out = {"forget": self.forget[i]}
-        if self.pair:
-            out["retain"] = self.retain[self.pair[i]]
+        out: dict[str, Any] = {"forget": self.forget[i]}
+        if self.forget_caps is not None:
+            out["forget_cap"] = self.forget_caps[i]
+        if self.pairs:
+            ps = self.pairs[i]
+            out["retain"] = self.retain[ps[0]] if len(ps) == 1 else [self.retain[j] for j in ps]
         return out
 
 
@@ -126,7 +161,10 @@ def collate(pad: int) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor
     def fn(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for part in ("forget", "retain"):
-            rows = [b[part] for b in batch if part in b]
+            rows = []
+            for b in batch:
+                if part in b:  # one (ids, labels) pair, or a list of them (retain_pairs > 1)
+                    rows.extend(b[part] if isinstance(b[part], list) else [b[part]])
             if not rows:
                 continue
             width = max(len(ids) for ids, _ in rows)
@@ -138,6 +176,8 @@ def collate(pad: int) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor
                 labels[r, : len(y)] = torch.tensor(y)
                 mask[r, : len(x)] = 1
             out[f"{part}_input_ids"], out[f"{part}_attention_mask"], out[f"{part}_labels"] = ids, mask, labels
+        if all("forget_cap" in b for b in batch):
+            out["forget_cap"] = torch.tensor([float(b["forget_cap"]) for b in batch], dtype=torch.float32)
         return out
 
     return fn
@@ -175,14 +215,33 @@ class UnlearnTrainer(Trainer):
         return self.ref_model
 
     def retain_nll(self, model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The retain term of GradDiff-style methods: NLL on the paired retain answers (0 without retain data)."""
-        from .losses import token_mean_nll
+        """The retain term of GradDiff-style methods on the paired retain answers (0 without retain data): their
+        NLL (``retain_loss="nll"``) or ``KL(p_θ ‖ p_0)`` to the frozen original at the answer positions
+        (``retain_loss="kl"``, the retain term of RKLD)."""
+        from .losses import reverse_kl, token_mean_nll
 
         r = self.part(inputs, "retain")
         if r is None or self.ucfg.retain_weight == 0:
             return torch.zeros((), device=next(model.parameters()).device)
         ids, mask, labels = r
-        return token_mean_nll(model(input_ids=ids, attention_mask=mask).logits, labels)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        if self.ucfg.retain_loss == "nll":
+            return token_mean_nll(logits, labels)
+        if self.ucfg.retain_loss == "kl":
+            with torch.no_grad():
+                z0 = self.ref()(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            return reverse_kl(logits[:, :-1], z0, labels[:, 1:] != -100)
+        raise ValueError(f"unknown retain_loss {self.ucfg.retain_loss!r} (nll, kl)")
+
+    @staticmethod
+    def saturation_mask(inputs: dict[str, torch.Tensor], mean_nll: torch.Tensor) -> torch.Tensor | None:
+        """Per forget item, 1.0 while its mean answer-token NLL is below its saturation level (``forget_cap``,
+        from :func:`kedit.unlearn.run.saturation_levels`) and 0.0 once it has reached it (detached); ``None``
+        when saturation is off."""
+        cap = inputs.get("forget_cap")
+        if cap is None:
+            return None
+        return (mean_nll.detach() < cap.to(mean_nll.device)).to(mean_nll.dtype)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # pragma: no cover
         raise NotImplementedError

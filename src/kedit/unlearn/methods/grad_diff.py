@@ -11,6 +11,8 @@ from .registry import register_unlearn_method
 class GradDiffTrainer(UnlearnTrainer):
     """``L = −γ · NLL(forget) + α · NLL(retain)``."""
 
+    uses_retain_term = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask, labels = self.part(inputs, "forget")
         out = model(input_ids=ids, attention_mask=mask)

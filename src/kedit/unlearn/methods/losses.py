@@ -46,26 +46,36 @@ def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum() / n.sum().clamp_min(1)
 
 
-def npo_loss(logp_theta: torch.Tensor, logp_ref: torch.Tensor, beta: float) -> torch.Tensor:
+def _masked_mean(v: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``mean(v)``, or ``Σ w·v / len(v)`` with per-item weights (a saturated item adds 0, the batch size stays)."""
+    return v.mean() if weights is None else (v * weights).sum() / v.numel()
+
+
+def npo_loss(
+    logp_theta: torch.Tensor, logp_ref: torch.Tensor, beta: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Negative Preference Optimisation (Zhang et al., 2024, arXiv 2404.05868):
     ``(2/β) · mean log(1 + (π_θ/π_ref)^β) = −(2/β) · mean log σ(−β · log(π_θ/π_ref))`` over sequences, where
     ``log π`` is the summed answer log-likelihood.
 
     At θ = θ_ref it equals ``(2/β) log 2``; as β → 0 its gradient tends to ``mean ∇ log π_θ`` (gradient ascent on
-    the sequence likelihood), because ``∂/∂r (2/β) log(1 + e^{βr}) = 2σ(βr) → 1``.
+    the sequence likelihood), because ``∂/∂r (2/β) log(1 + e^{βr}) = 2σ(βr) → 1``. ``weights`` (per sequence,
+    e.g. a saturation mask) scale each sequence's term; the mean stays over all sequences.
     """
     if beta <= 0:
         raise ValueError(f"NPO needs beta > 0, got {beta}")
     log_ratio = logp_theta - logp_ref.detach()
-    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+    return -(2.0 / beta) * _masked_mean(F.logsigmoid(-beta * log_ratio), weights)
 
 
-def simnpo_loss(mean_nll: torch.Tensor, beta: float, delta: float = 0.0) -> torch.Tensor:
+def simnpo_loss(
+    mean_nll: torch.Tensor, beta: float, delta: float = 0.0, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """SimNPO (Fan et al., 2024, arXiv 2410.07163): the reference-free, length-normalised NPO,
-    ``−(2/β) · mean log σ(β · (NLL_θ/|y| − δ))``."""
+    ``−(2/β) · mean log σ(β · (NLL_θ/|y| − δ))`` (``weights`` as in :func:`npo_loss`)."""
     if beta <= 0:
         raise ValueError(f"SimNPO needs beta > 0, got {beta}")
-    return -(2.0 / beta) * F.logsigmoid(beta * (mean_nll - delta)).mean()
+    return -(2.0 / beta) * _masked_mean(F.logsigmoid(beta * (mean_nll - delta)), weights)
 
 
 def rkld_teacher_logits(z0: torch.Tensor, zs: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -15,14 +15,17 @@ class NPOTrainer(UnlearnTrainer):
     """``L = γ · (2/β) mean log(1 + (π_θ/π_ref)^β) + α · NLL(retain)`` (π: summed answer likelihood)."""
 
     needs_reference = True
+    supports_saturation = True
+    uses_retain_term = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask, labels = self.part(inputs, "forget")
         out = model(input_ids=ids, attention_mask=mask)
-        nll, _ = sequence_nll(out.logits, labels)
+        nll, n = sequence_nll(out.logits, labels)
         with torch.no_grad():
             ref_nll, _ = sequence_nll(self.ref()(input_ids=ids, attention_mask=mask).logits, labels)
-        loss = self.ucfg.forget_weight * npo_loss(-nll, -ref_nll, self.ucfg.beta)
+        w = self.saturation_mask(inputs, nll / n.clamp_min(1))
+        loss = self.ucfg.forget_weight * npo_loss(-nll, -ref_nll, self.ucfg.beta, w)
         loss = loss + self.ucfg.retain_weight * self.retain_nll(model, inputs)
         return (loss, out) if return_outputs else loss
 
