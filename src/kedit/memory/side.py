@@ -375,7 +375,7 @@ class MemoryState:
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """The router of :meth:`ratios` in two stages, with the exact router's decision and ratio.
 
-        **Stage 1 (bounds,** :meth:`token_bounds`\ **).** One bfloat16 product ``ỹ = bf16(a) · bf16(ΔWᵀ)`` of the
+        **Stage 1 (bounds, :meth:`token_bounds`).** One bfloat16 product ``ỹ = bf16(a) · bf16(ΔWᵀ)`` of the
         real tokens against every memory (float32 accumulation, the result rounded to bf16; about 4 × faster than
         the float32 product on the 2 shared AVX-512-BF16 cores). With ``u = 2⁻⁸`` (bf16's unit roundoff) and
         ``γ = n·2⁻²⁴ / (1 − n·2⁻²⁴)`` (``n = d_in``; float32 accumulation in any order), elementwise: rounding the
