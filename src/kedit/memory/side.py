@@ -142,6 +142,11 @@ class MemoryState:
         self.eps: dict[int, float] = {}
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
         self._stack: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
+        #: the two-stage router's stage-1 data (bf16 ``ΔWᵀ`` stack, ``‖|ΔW_m|‖₂``), built with :meth:`stack`'s order
+        self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._abs_norm: dict[int, float] = {}  # memory -> ‖|ΔW_m|‖₂ (spectral norm of the entrywise magnitude)
+        #: ``[B, M]`` of the last two-stage :meth:`ratios` call: the memories scored exactly per row (stack order)
+        self.last_candidates: torch.Tensor | None = None
 
     # -- records ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -170,6 +175,7 @@ class MemoryState:
         c.members = {m: list(v) for m, v in self.members.items()}
         c.tau, c.deltas, c.eps = dict(self.tau), dict(self.deltas), dict(self.eps)
         c._masks = dict(self._masks)
+        c._abs_norm = dict(self._abs_norm)
         return c
 
     def snapshot(self) -> tuple:
@@ -244,6 +250,7 @@ class MemoryState:
         return tau, sizes, density
 
     def _materialise(self, touched: Iterable[int]) -> None:
+        touched = list(touched)
         for m in touched:
             self.tau.pop(m, None)
             ids = self.members.get(m, [])
@@ -257,7 +264,9 @@ class MemoryState:
             delta = ties_dense(tau, density, sizes).view(self.d_out, self.d_in)
             self.deltas[m] = delta
             self.eps[m] = min(self.edit_score(self.records[i], delta) for i in ids)
-        self._stack = None
+        for m in touched:
+            self._abs_norm.pop(m, None)
+        self._stack = self._bounds = None
 
     def edit_score(self, r: Record, delta: torch.Tensor) -> float:
         """``act_ratio · min(Δ_act(prompt), Δ_act(prompt ⊕ target))`` of an edit's stored activations."""
@@ -286,18 +295,52 @@ class MemoryState:
         product against the stacked transposes."""
         return torch.linalg.vector_norm((a @ dt).view(a.shape[0], -1, self.d_out), dim=-1)
 
-    def ratios(self, acts: torch.Tensor, real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def bounded(self) -> bool:
+        """Whether the router prunes with the bf16 bounds (:meth:`ratios`): every live record was made with
+        ``router="bounded"`` (a memory saved before the setting existed, or with ``"exact"``, scores exactly)."""
+        return bool(self.records) and all((r.info or {}).get("router") == "bounded" for r in self.records.values())
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(ΔWᵀ stack in bfloat16, ‖|ΔW_m|‖₂ [M] in float32)`` in :meth:`stack`'s order: stage 1 of the two-stage
+        router. ``‖|ΔW_m|‖₂`` (the spectral norm of the entrywise magnitudes, float64 SVD, rounded up by 1e-6
+        relative) is kept per memory until an add or removal touches it, so rebuilding after an edit redoes one."""
+        st = self.stack()
+        if st is None:
+            return None
+        if self._bounds is None:
+            order, dt, _ = st
+            for m in order:
+                if m not in self._abs_norm:
+                    n = torch.linalg.matrix_norm(self.deltas[m].detach().abs().double(), ord=2)
+                    self._abs_norm[m] = float(n) * (1 + 1e-6)
+            norms = torch.tensor([self._abs_norm[m] for m in order], dtype=torch.float32, device=dt.device)
+            self._bounds = (dt.detach().to(torch.bfloat16), norms)
+        return self._bounds
+
+    def ratios(self, acts: torch.Tensor, real: torch.Tensor | None = None, *, bounded: bool | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ratio [B], memory id [B])`` of ``acts [B, T, d_in]``: the memory ``m* = argmax_m Δ_act_m`` and its
         ``Δ_act_m* / ε_m*``; ids are ``-1`` without memories.
 
         Only the real tokens (``real`` set) are scored; padded positions get 0 and the token mean is the one of
-        :func:`_reference_ratios` (the per-memory einsum over every position), term for term."""
+        :func:`_reference_ratios` (the per-memory einsum over every position), term for term.
+
+        ``bounded`` (default :attr:`bounded`, and only on the CPU, where bf16 products accumulate in float32):
+        the same decision and ratio from fewer exact scores (:meth:`_bounded_ratios`); else every memory is scored
+        exactly in one ``[n, d_in] × [d_in, M · d_out]`` product."""
         st = self.stack()
         if st is None:
             return torch.zeros(acts.shape[0]), torch.full((acts.shape[0],), -1, dtype=torch.long)
         order, dt, eps = st
+        if bounded is None:
+            bounded = self.bounded
         a = acts.to(device=dt.device, dtype=dt.dtype)
         b, t = a.shape[0], a.shape[1]
+        if bounded and dt.device.type == "cpu":
+            sel = (torch.ones(b, t, dtype=torch.bool, device=dt.device) if real is None
+                   else real.to(dt.device) != 0)
+            return self._bounded_ratios(a, sel, st)
         if real is None:
             score = self._token_scores(a.reshape(b * t, -1), dt).view(b, t, -1).mean(dim=1)
         else:
@@ -309,6 +352,80 @@ class MemoryState:
             score = (per_tok * r).sum(dim=1) / r.sum(dim=1).clamp_min(1)
         where = score.argmax(dim=1)  # the memory whose activation score is highest (the paper's retrieval) ...
         best = (score / eps).gather(1, where.unsqueeze(1)).squeeze(1)  # ... answers if above its own threshold
+        ids = torch.tensor(order, device=where.device)[where]
+        return best, ids
+
+    def token_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lower, upper)`` ``[n, M]`` float32 bounds on the exact ``‖x_t ΔW_mᵀ‖₂`` of tokens ``x [n, d_in]``
+        (stage 1 of :meth:`_bounded_ratios`, which derives them), from one bfloat16 product."""
+        dtb, abs_norm = self.bounds()
+        n_mem = abs_norm.numel()
+        y = (x.to(torch.bfloat16) @ dtb).view(x.shape[0], n_mem, self.d_out)
+        approx = torch.linalg.vector_norm(y, dim=-1).float()  # [n, M]: ‖ỹ‖ (float32 sum, rounded to bf16)
+        u = 2.0 ** -8
+        un = u + 1e-4  # the norm's own rounding to bf16 (and its float32 sum)
+        gamma = self.d_in * 2.0 ** -24 / (1 - self.d_in * 2.0 ** -24)
+        c = (2 * u + u * u + gamma * (1 + u) ** 2) * 1.001
+        a_norm = torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True)
+        err = c * abs_norm.unsqueeze(0) * a_norm + 1e-30
+        up, down = approx / ((1 - un) * (1 - u)), approx / ((1 + un) * (1 + u))
+        return (down - err).clamp_min(0), up + err
+
+    def _bounded_ratios(self, a: torch.Tensor, sel: torch.Tensor, st: tuple[list[int], torch.Tensor, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router of :meth:`ratios` in two stages, with the exact router's decision and ratio.
+
+        **Stage 1 (bounds, :meth:`token_bounds`).** One bfloat16 product ``ỹ = bf16(a) · bf16(ΔWᵀ)`` of the
+        real tokens against every memory (float32 accumulation, the result rounded to bf16; about 4 × faster than
+        the float32 product on the 2 shared AVX-512-BF16 cores). With ``u = 2⁻⁸`` (bf16's unit roundoff) and
+        ``γ = n·2⁻²⁴ / (1 − n·2⁻²⁴)`` (``n = d_in``; float32 accumulation in any order), elementwise: rounding the
+        inputs moves the product by at most ``(2u + u²)|a||ΔW|ᵀ``, accumulating by ``γ(1 + u)²|a||ΔW|ᵀ``, so the
+        float32 sums ``ŷ`` satisfy ``|‖ŷ‖ − s| ≤ c ‖|a||ΔW_m|ᵀ‖ ≤ c ‖|ΔW_m|‖₂ ‖a‖`` (``s = ‖a ΔW_mᵀ‖`` exact,
+        ``c = 2u + u² + γ(1 + u)²``); rounding ``ŷ`` to bf16 (``ỹ``) and the norm to bf16 (``N̂``, a float32 sum)
+        each change it by a factor in ``[1/(1 + u), 1/(1 − u)]`` (``u + 10⁻⁴`` for the norm). Hence, per token and
+        memory, ``N̂/((1 + u')(1 + u)) − c‖|ΔW_m|‖₂‖a‖ ≤ s ≤ N̂/((1 − u')(1 − u)) + c‖|ΔW_m|‖₂‖a‖`` (``c`` taken
+        0.1 % larger for the float32 ``‖a‖`` and ``‖|ΔW_m|‖₂`` 10⁻⁶ larger). Their means over the row's real
+        tokens bound ``Δ_act_m``: ``L_m ≤ Δ_act_m ≤ U_m``.
+
+        **Stage 2 (exact).** Memory ``m`` can be the argmax only if ``U_m ≥ Δ_act_m* ≥ L_m* ≥ max_j L_j``; every
+        other memory has ``Δ_act_m ≤ U_m < max_j L_j ≤ Δ_act_m*`` and cannot win. So the exact scores (float32, the
+        same product per memory as :meth:`_token_scores`) of the candidates ``{m : U_m ≥ (1 − 10⁻⁵) max_j L_j}``
+        (the slack covers the rounding of the means) contain ``m*`` and its exact score; the argmax over them is
+        the exact router's argmax (up to exact ties and float32 rounding of the scores, which the two
+        routers may break differently, as any two float32 products may) and the ratio is ``Δ_act_m* / ε_m*``.
+
+        Why not truncated-SVD bounds ``‖a V_r Σ_r‖ ≤ s ≤ (‖a V_r Σ_r‖² + σ_{r+1}² ‖a_⊥‖²)^½``: the merged ``ΔW_m``
+        have flat spectra and the activations spread over many directions, so on 100 real testbed memories the
+        interval was 11 × (r = 32) to 27 × (r = 8) the exact score and pruned no memory at all, where this one is
+        about ±4 % (docs/methods/wise.md). A row whose stage-1 values are not finite is scored exactly."""
+        order, dt, eps = st
+        b = a.shape[0]
+        n_mem = len(order)
+        x = a[sel]  # [n, d_in], the real tokens, row-major
+        row_of = sel.nonzero()[:, 0]
+        counts = sel.sum(dim=1)
+        t_lo, t_hi = self.token_bounds(x)
+        lo = torch.zeros(b, n_mem, device=dt.device).index_add_(0, row_of, t_lo)
+        hi = torch.zeros(b, n_mem, device=dt.device).index_add_(0, row_of, t_hi)
+        den = counts.clamp_min(1).unsqueeze(1).float()
+        lo, hi = lo / den, hi / den
+        finite = torch.isfinite(hi).all(dim=1) & torch.isfinite(lo).all(dim=1)
+        cand = hi >= (1 - 1e-5) * lo.max(dim=1, keepdim=True).values
+        cand |= ~finite.unsqueeze(1)
+        self.last_candidates = cand
+        # exact scores of the candidates: one product per memory, over the tokens of the rows it is a candidate of
+        score = torch.full((b, n_mem), -math.inf, dtype=dt.dtype, device=dt.device)
+        tok_cand = cand[row_of]  # [n, M]
+        for j in cand.any(dim=0).nonzero()[:, 0].tolist():
+            rows_j = cand[:, j]
+            toks = tok_cand[:, j]
+            s_j = torch.zeros(b, dtype=dt.dtype, device=dt.device)
+            if bool(toks.any()):
+                per_tok = torch.linalg.vector_norm(x[toks] @ self.deltas[order[j]].T, dim=-1)
+                s_j.index_add_(0, row_of[toks], per_tok)
+            score[:, j] = torch.where(rows_j, s_j / counts.clamp_min(1).to(dt.dtype), score[:, j])
+        where = score.argmax(dim=1)  # non-candidates are -inf; a row without real tokens has every score 0
+        best = (score / eps).gather(1, where.unsqueeze(1)).squeeze(1)
         ids = torch.tensor(order, device=where.device)[where]
         return best, ids
 

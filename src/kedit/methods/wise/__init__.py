@@ -100,6 +100,10 @@ class WISEConfig:
         irrelevant_tokens: each irrelevant text is cut to this many tokens.
         early_stop_loss: stop once every NLL is below this and every margin holds.
         seed: seed of the random masks and of the irrelevant / replay draws (combined with the request's text).
+        router: ``"bounded"`` (default): the router scores every memory with bfloat16 bounds first and exactly only
+            the memories that can still be the highest (:meth:`kedit.memory.side.MemoryState.ratios`; the same
+            decisions and ratios as ``"exact"``, which scores every memory exactly). Saved with each edit; a
+            memory routes with the bounds only when all its edits say ``"bounded"`` (older saved memories: exact).
     """
 
     layer: int | None = None
@@ -124,8 +128,11 @@ class WISEConfig:
     irrelevant_tokens: int = 32
     early_stop_loss: float = 0.05
     seed: int = 0
+    router: str = "bounded"
 
     def __post_init__(self) -> None:
+        if self.router not in ("bounded", "exact"):
+            raise ValueError(f"wise: router must be 'bounded' or 'exact', got {self.router!r}")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ValueError(f"wise: mask_ratio must be in (0, 1], got {self.mask_ratio}")
         if not 0.0 < self.density <= 1.0:
@@ -400,7 +407,7 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     info = {"mask_seed": _hash(cfg.seed, "mask", m, s), "mask_ratio": float(cfg.mask_ratio),
             "n_tokens": int(a_full.shape[0]), "n_prompt": len(prompt), "act_ratio": float(cfg.act_ratio),
             "density": float(density), "memory": int(m), "shard": int(s), "tokens": [int(t) for t in prompt + tgt],
-            "subject": req.subject, "prompt": req.text}
+            "subject": req.subject, "prompt": req.text, "router": cfg.router}
     if members:  # the shard's mask is the one its earlier records were trained on
         for i in members:
             ri = state.records[i].info
