@@ -447,3 +447,75 @@ def test_hard_cross_prompts_are_the_most_similar_and_zero_keeps_random_draws():
     assert min(cos[i] for i in got[:4]) > max(cos[i] for i in others if i not in top)
     with pytest.raises(ValueError, match="n_cross_similar"):
         WISEConfig(n_cross=4, n_cross_similar=5)
+
+
+def test_bounded_router_bounds_hold_and_decisions_equal_the_reference(gpt2, reqs):
+    # the two-stage router (kedit.memory.side.MemoryState._bounded_ratios): its bf16 per-token bounds contain the
+    # exact scores, its candidate set holds the exact argmax, and it decides as the definition's einsum on 30
+    # memories (near-ties included: memory 29 is memory 0 scaled by 1 + 1e-4); a record without the setting routes
+    # exactly
+    from kedit.arch import get_adapter
+    from kedit.deltas import MemoryEntryUpdate
+    from kedit.memory import add_entries
+    from kedit.memory.side import _reference_ratios
+
+    model, tok = gpt2
+    adapter = get_adapter(model)
+    path, module = adapter.path("mlp_out", 3), adapter.module(model, "mlp_out", 3)
+    texts = ([r.text for r in reqs] + [r.paraphrases[0] for r in reqs[:10]])[:29]
+    acts = []
+    h = module.register_forward_hook(lambda mod, a, o: acts.append(a[0][0].detach().clone()))
+    try:
+        with torch.no_grad():
+            for t in texts:
+                model(input_ids=torch.tensor([tok(t)["input_ids"]]))
+    finally:
+        h.remove()
+    g = torch.Generator().manual_seed(1)
+    centre = torch.stack([x.mean(0) for x in acts]).mean(0)
+    n_mask = shard_mask(0, 640 * 160, 0.2).numel()
+    updates = []
+    for j in range(30):
+        src = j % 29
+        ids = tok(texts[src])["input_ids"]
+        mask = shard_mask(2000 + src, 640 * 160, 0.2)
+        aligned = torch.outer(torch.randn(160, generator=g), acts[src].mean(0) - centre).reshape(-1)[mask]
+        value = ((torch.randn(n_mask, generator=g) * 0.1 + aligned) * 5) if j < 29 else \
+            updates[0].value * (1 + 1e-4)
+        info = {"edit_id": f"b{j}", "module": path, "label": f"l{j}", "epsilon": 1.0, "method": "wise",
+                "mask_seed": 2000 + src, "mask_ratio": 0.2, "n_tokens": len(ids), "n_prompt": len(ids),
+                "act_ratio": 0.88, "density": 0.8, "memory": j, "shard": 0, "tokens": ids + [ids[-1]],
+                "router": "bounded"}
+        updates.append(MemoryEntryUpdate(f"{path}#wise:b{j}", acts[src].reshape(-1), value, info))
+    add_entries(model, updates)
+    try:
+        mem = _side(model)
+        assert mem.bounded
+        x = torch.cat(acts + [torch.randn(20, 640, generator=g)])
+        order, dt, _ = mem.stack()
+        exact = mem._token_scores(x, dt)
+        lo, hi = mem.token_bounds(x)
+        assert bool((lo <= exact).all()) and bool((exact <= hi).all())
+        assert float(((hi - lo) / exact.clamp_min(1e-12)).median()) < 0.2  # tight enough to prune
+        width = max(a.shape[0] for a in acts)
+        batch = torch.zeros(len(acts), width, 640)
+        real = torch.zeros(len(acts), width, dtype=torch.long)
+        for i, a in enumerate(acts):  # left-padded, as generation pads
+            batch[i, width - a.shape[0]:] = a
+            real[i, width - a.shape[0]:] = 1
+        ref_best, ref_ids = _reference_ratios(mem, batch, real)
+        best, ids = mem.ratios(batch, real, bounded=True)
+        cand = mem.last_candidates
+        assert torch.equal(ids, ref_ids)
+        assert torch.allclose(best, ref_best, rtol=1e-5)
+        pos = {m: j for j, m in enumerate(order)}
+        assert all(bool(cand[i, pos[int(m)]]) for i, m in enumerate(ref_ids))
+        assert float(cand.float().sum(1).mean()) < len(order) / 2  # it does prune
+        ex_best, ex_ids = mem.ratios(batch, real, bounded=False)
+        assert torch.equal(ex_ids, ids) and torch.allclose(ex_best, best, rtol=1e-5)
+        mem.records[next(iter(mem.records))].info.pop("router")
+        assert not mem.bounded
+    finally:
+        from kedit.memory import clear_memory
+        clear_memory(model)
+    _no_memory(model)
