@@ -338,13 +338,50 @@ def test_random_prefix_contexts_are_trained_and_reproducible(gpt2, reqs):
         WISEConfig(n_prefixes=-1)
 
 
+def _prompt_acts(model, tok, module, texts):
+    """The side-memory layer's input activations ``[T, 640]`` of each text (one forward each)."""
+    acts = []
+    h = module.register_forward_hook(lambda mod, a, o: acts.append(a[0][0].detach().clone()))
+    try:
+        with torch.no_grad():
+            for t in texts:
+                model(input_ids=torch.tensor([tok(t)["input_ids"]]))
+    finally:
+        h.remove()
+    return acts
+
+
+def _synthetic_memories(tok, path, texts, acts, n, g, *, seed0, tag, twin=None, extra=None):
+    """``n`` one-edit WISE memories on real masks, keys = the prompts' own activations: noise plus a rank-one part
+    that answers the memory's own prompt (so most prompts pick their own memory); memory ``n − 1`` is ``twin(memory
+    0's value)`` when ``twin`` is given (a tie or near-tie), else memory ``(n − 1) % len(acts)``'s own."""
+    from kedit.deltas import MemoryEntryUpdate
+
+    centre = torch.stack([x.mean(0) for x in acts]).mean(0)
+    n_mask = shard_mask(0, 640 * 160, 0.2).numel()
+    updates = []
+    for j in range(n):
+        src = j % len(acts)
+        ids = tok(texts[src])["input_ids"]
+        mask = shard_mask(seed0 + src, 640 * 160, 0.2)
+        aligned = torch.outer(torch.randn(160, generator=g), acts[src].mean(0) - centre).reshape(-1)[mask]
+        value = (torch.randn(n_mask, generator=g) * 0.1 + aligned) * 5
+        if twin is not None and j == n - 1:
+            value = twin(updates[0].value)
+        info = {"edit_id": f"{tag}{j}", "module": path, "label": f"l{j}", "epsilon": 1.0, "method": "wise",
+                "mask_seed": seed0 + src, "mask_ratio": 0.2, "n_tokens": len(ids), "n_prompt": len(ids),
+                "act_ratio": 0.88, "density": 0.8, "memory": j, "shard": 0, "tokens": ids + [ids[-1]],
+                **(extra or {})}
+        updates.append(MemoryEntryUpdate(f"{path}#wise:{tag}{j}", acts[src].reshape(-1), value, info))
+    return updates
+
+
 def test_router_decides_as_the_reference_einsum_on_many_memories(gpt2, reqs):
     # the router scores only the real tokens, in one product against the stacked ΔWᵀ (kedit.memory.side): on 41
     # live memories (synthetic residuals on real masks, keys = the prompts' own activations; memory 40 a copy of
     # memory 0, so that prompt's row is a tie) it picks the same memory per row, with the same ratio, and
     # generates the same tokens as the definition's einsum over every position (_reference_ratios)
     from kedit.arch import get_adapter
-    from kedit.deltas import MemoryEntryUpdate
     from kedit.memory import add_entries, clear_memory
     from kedit.memory.side import _reference_ratios
 
@@ -353,29 +390,9 @@ def test_router_decides_as_the_reference_einsum_on_many_memories(gpt2, reqs):
     path, module = adapter.path("mlp_out", 3), adapter.module(model, "mlp_out", 3)
     texts = [r.text for r in reqs] + [r.paraphrases[0] for r in reqs[:10]] + [r.neighborhood[0].prompt
                                                                                for r in reqs[:10]]
-    acts = []
-    h = module.register_forward_hook(lambda mod, a, o: acts.append(a[0][0].detach().clone()))
-    try:
-        with torch.no_grad():
-            for t in texts[:40]:
-                model(input_ids=torch.tensor([tok(t)["input_ids"]]))
-    finally:
-        h.remove()
+    acts = _prompt_acts(model, tok, module, texts[:40])
     g = torch.Generator().manual_seed(0)
-    centre = torch.stack([x.mean(0) for x in acts]).mean(0)
-    n_mask = shard_mask(0, 640 * 160, 0.2).numel()
-    updates = []
-    for j in range(41):
-        src = j % 40
-        ids = tok(texts[src])["input_ids"]
-        mask = shard_mask(1000 + src, 640 * 160, 0.2)
-        # noise plus a rank-one part that answers the memory's own prompt (so most prompts pick their own memory)
-        aligned = torch.outer(torch.randn(160, generator=g), acts[src].mean(0) - centre).reshape(-1)[mask]
-        value = ((torch.randn(n_mask, generator=g) * 0.1 + aligned) * 5) if j < 40 else updates[0].value.clone()
-        info = {"edit_id": f"r{j}", "module": path, "label": f"l{j}", "epsilon": 1.0, "method": "wise",
-                "mask_seed": 1000 + src, "mask_ratio": 0.2, "n_tokens": len(ids), "n_prompt": len(ids),
-                "act_ratio": 0.88, "density": 0.8, "memory": j, "shard": 0, "tokens": ids + [ids[-1]]}
-        updates.append(MemoryEntryUpdate(f"{path}#wise:r{j}", acts[src].reshape(-1), value, info))
+    updates = _synthetic_memories(tok, path, texts, acts, 41, g, seed0=1000, tag="r", twin=lambda v: v.clone())
     plain = greedy_answers(model, tok, texts, max_new_tokens=5)
     add_entries(model, updates)
     try:
@@ -455,7 +472,6 @@ def test_bounded_router_bounds_hold_and_decisions_equal_the_reference(gpt2, reqs
     # memories (near-ties included: memory 29 is memory 0 scaled by 1 + 1e-4); a record without the setting routes
     # exactly
     from kedit.arch import get_adapter
-    from kedit.deltas import MemoryEntryUpdate
     from kedit.memory import add_entries
     from kedit.memory.side import _reference_ratios
 
@@ -463,30 +479,10 @@ def test_bounded_router_bounds_hold_and_decisions_equal_the_reference(gpt2, reqs
     adapter = get_adapter(model)
     path, module = adapter.path("mlp_out", 3), adapter.module(model, "mlp_out", 3)
     texts = ([r.text for r in reqs] + [r.paraphrases[0] for r in reqs[:10]])[:29]
-    acts = []
-    h = module.register_forward_hook(lambda mod, a, o: acts.append(a[0][0].detach().clone()))
-    try:
-        with torch.no_grad():
-            for t in texts:
-                model(input_ids=torch.tensor([tok(t)["input_ids"]]))
-    finally:
-        h.remove()
+    acts = _prompt_acts(model, tok, module, texts)
     g = torch.Generator().manual_seed(1)
-    centre = torch.stack([x.mean(0) for x in acts]).mean(0)
-    n_mask = shard_mask(0, 640 * 160, 0.2).numel()
-    updates = []
-    for j in range(30):
-        src = j % 29
-        ids = tok(texts[src])["input_ids"]
-        mask = shard_mask(2000 + src, 640 * 160, 0.2)
-        aligned = torch.outer(torch.randn(160, generator=g), acts[src].mean(0) - centre).reshape(-1)[mask]
-        value = ((torch.randn(n_mask, generator=g) * 0.1 + aligned) * 5) if j < 29 else \
-            updates[0].value * (1 + 1e-4)
-        info = {"edit_id": f"b{j}", "module": path, "label": f"l{j}", "epsilon": 1.0, "method": "wise",
-                "mask_seed": 2000 + src, "mask_ratio": 0.2, "n_tokens": len(ids), "n_prompt": len(ids),
-                "act_ratio": 0.88, "density": 0.8, "memory": j, "shard": 0, "tokens": ids + [ids[-1]],
-                "router": "bounded"}
-        updates.append(MemoryEntryUpdate(f"{path}#wise:b{j}", acts[src].reshape(-1), value, info))
+    updates = _synthetic_memories(tok, path, texts, acts, 30, g, seed0=2000, tag="b",
+                                  twin=lambda v: v * (1 + 1e-4), extra={"router": "bounded"})
     add_entries(model, updates)
     try:
         mem = _side(model)
