@@ -515,3 +515,49 @@ def test_bounded_router_bounds_hold_and_decisions_equal_the_reference(gpt2, reqs
         from kedit.memory import clear_memory
         clear_memory(model)
     _no_memory(model)
+
+
+def test_subject_loss_trains_the_memory_through_the_subject_positions(gpt2, reqs):
+    # subject_loss: a second target NLL with the memory on the positions up to the subject's last token only; the
+    # trained memory, restricted to those positions, still gives the target (later layers read it from the
+    # subject), and the restricted hook leaves every later position of the layer's output bitwise unedited
+    from kedit.arch import get_adapter
+    from kedit.core.keys import encode_with_subject, target_ids
+    from kedit.methods.wise import WISEConfig, _suspended
+    from kedit.methods.wise import _side as side_hook
+
+    model, tok = gpt2
+    req = reqs[0]
+    cfg = WISEConfig(layer=3)
+    module = get_adapter(model).module(model, "mlp_out", cfg.layer)
+    (enc,) = encode_with_subject(tok, [req.text], [req.subject_span])
+    tgt = target_ids(tok, req.target_new)
+    x = torch.tensor([enc.ids + tgt[:-1]])
+    where = (torch.arange(x.shape[1]) <= enc.subject_last).unsqueeze(0)
+    res = kedit.edit(model, tok, [req], method="wise", config={"subject_loss": 1.0}, evaluate=False)
+    try:
+        mem = _side(model)
+        outs: dict[str, torch.Tensor] = {}
+
+        def grab(name):
+            def hook(mod, args, out):
+                outs[name] = out.detach().clone()
+            return hook
+
+        with _suspended(mem):
+            h = module.register_forward_hook(grab("base"))
+            with torch.no_grad():
+                model(input_ids=x)
+            h.remove()
+            with side_hook(module, lambda: mem.deltas[0], where=where), torch.no_grad():
+                h = module.register_forward_hook(grab("subject"))
+                pred = model(input_ids=x).logits[0, len(enc.ids) - 1:].argmax(-1)
+                h.remove()
+            assert torch.equal(outs["subject"][0, enc.subject_last + 1:], outs["base"][0, enc.subject_last + 1:])
+            assert not torch.equal(outs["subject"][0, : enc.subject_last + 1], outs["base"][0, : enc.subject_last + 1])
+        assert pred.tolist() == tgt  # teacher-forced: every target token is the argmax
+    finally:
+        res.revert(model)
+    _no_memory(model)
+    with pytest.raises(ValueError, match="subject_loss"):
+        WISEConfig(subject_loss=-1.0)

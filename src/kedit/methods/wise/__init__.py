@@ -47,7 +47,7 @@ from torch import nn
 from kedit.arch import get_adapter, math_weight
 from kedit.core.batching import device_of
 from kedit.core.context import EditContext
-from kedit.core.keys import target_ids
+from kedit.core.keys import encode_with_subject, target_ids
 from kedit.deltas import EditDelta, MemoryEntryUpdate
 from kedit.deltas.ledger import compute_dtype
 from kedit.memory import get_memory, memory_layer
@@ -96,6 +96,10 @@ class WISEConfig:
             in docs/methods/wise.md: with 4, more paraphrases hit on a stream of few subjects, not on the lifelong
             stream of one fact per subject, at twice the time per edit).
         prefix_words: each prefix is the first this many words of a corpus text.
+        subject_loss: weight of a second target NLL in which the memory acts *only* on the positions up to the
+            subject's last token (of the prompt and of each prefixed prompt), so the residual must change what the
+            later layers read from the subject, as ROME's edit at the subject's last token does (not in the
+            paper; 0: off). Paraphrases share the subject, not the prompt's last token.
         n_irrelevant: irrelevant texts per edit for the margins (drawn from the editing corpus).
         irrelevant_tokens: each irrelevant text is cut to this many tokens.
         early_stop_loss: stop once every NLL is below this and every margin holds.
@@ -124,6 +128,7 @@ class WISEConfig:
     n_cross_similar: int = 0
     n_prefixes: int = 0
     prefix_words: int = 6
+    subject_loss: float = 0.0
     n_irrelevant: int = 8
     irrelevant_tokens: int = 32
     early_stop_loss: float = 0.05
@@ -154,6 +159,8 @@ class WISEConfig:
                              f"got {self.n_cross_similar}")
         if self.n_prefixes < 0 or self.prefix_words < 1:
             raise ValueError("wise: n_prefixes must be ≥ 0 and prefix_words ≥ 1")
+        if not self.subject_loss >= 0.0:
+            raise ValueError(f"wise: subject_loss must be ≥ 0, got {self.subject_loss}")
         if not 0.0 <= self.layer_fraction <= 1.0:
             raise ValueError(f"wise: layer_fraction must be in [0, 1], got {self.layer_fraction}")
 
@@ -163,8 +170,9 @@ def wise_layer(model: nn.Module, cfg: WISEConfig) -> int:
 
 
 @contextmanager
-def _side(module: nn.Module, delta_fn=None, store: list | None = None):
-    """While active: record the module's inputs (``store``) and/or add ``a ΔWᵀ`` to its output everywhere."""
+def _side(module: nn.Module, delta_fn=None, store: list | None = None, where: torch.Tensor | None = None):
+    """While active: record the module's inputs (``store``) and/or add ``a ΔWᵀ`` to its output, everywhere or only
+    where ``where`` (``[B, T]``, 0/1) is set."""
 
     def hook(mod, args, out):
         if store is not None:
@@ -172,7 +180,10 @@ def _side(module: nn.Module, delta_fn=None, store: list | None = None):
         if delta_fn is None:
             return None
         d = delta_fn()
-        return (out.to(d.dtype) + args[0].to(d.dtype) @ d.T).to(out.dtype)
+        add = args[0].to(d.dtype) @ d.T
+        if where is not None:
+            add = add * where.to(add.dtype).unsqueeze(-1)
+        return (out.to(d.dtype) + add).to(out.dtype)
 
     handle = module.register_forward_hook(hook)
     try:
@@ -317,10 +328,17 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     old = [state.records[i] for i in _sample(sorted(live, key=members.index), cfg.replay, seed)]
     seqs = [(ids, len(prompt), tgt)]
     texts = _corpus(ctx, model, label)
-    for pre in _prefixes(texts, cfg, seed):  # augmented contexts: the same target after a random prefix
+    prefixes = _prefixes(texts, cfg, seed)
+    for pre in prefixes:  # augmented contexts: the same target after a random prefix
         p_ids = tok(f"{pre} {req.text}", add_special_tokens=True)["input_ids"]
         seqs.append((p_ids + tgt[:-1], len(p_ids), tgt))
     n_main = len(seqs)
+    subj_last: list[int] = []
+    if cfg.subject_loss > 0:  # the subject's last token of the prompt and of each prefixed prompt
+        s0, s1 = req.subject_span
+        texts_s = [req.text] + [f"{pre} {req.text}" for pre in prefixes]
+        spans = [(s0, s1)] + [(s0 + len(pre) + 1, s1 + len(pre) + 1) for pre in prefixes]
+        subj_last = [e.subject_last for e in encode_with_subject(tok, texts_s, spans)]
     for r in old:
         toks, n_p = list(r.info["tokens"]), int(r.info["n_prompt"])
         seqs.append((toks[:-1], n_p, toks[n_p:]))
@@ -331,6 +349,9 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     rows_i = torch.cat([torch.full((len(q[2]),), j) for j, q in enumerate(seqs)]).to(device)
     pos_i = torch.cat([torch.arange(q[1] - 1, q[1] - 1 + len(q[2])) for q in seqs]).to(device)
     labels = torch.tensor([t for q in seqs for t in q[2]], device=device)
+    if subj_last:
+        where = (torch.arange(width).unsqueeze(0) <= torch.tensor(subj_last).unsqueeze(1)).to(device)
+        main_rows = rows_i < n_main
 
     old_acts = [(r.key.view(int(r.info["n_tokens"]), d_in).to(device, cdt), int(r.info["n_prompt"])) for r in old]
     others = [i for i in state.records if state.memory_of(i) != m]
@@ -380,6 +401,15 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
             rows_i, minlength=len(seqs)).to(tok_nll.dtype)
         nll = per_seq[:n_main].mean() + (cfg.replay_weight * per_seq[n_main:].mean() if len(seqs) > n_main
                                           else 0.0)
+        if subj_last:  # the same targets with the memory on the subject positions only
+            with _side(module, lambda d=d: d, where=where):
+                lg = model(input_ids=x[:n_main], attention_mask=att[:n_main]).logits[rows_i[main_rows],
+                                                                                     pos_i[main_rows]].float()
+            s_nll = torch.nn.functional.cross_entropy(lg, labels[main_rows], reduction="none")
+            s_seq = torch.zeros(n_main, device=device).index_add(0, rows_i[main_rows], s_nll) / torch.bincount(
+                rows_i[main_rows], minlength=n_main).to(s_nll.dtype)
+            nll = nll + cfg.subject_loss * s_seq.mean()
+            per_seq = torch.cat([per_seq, s_seq.detach()])
         s_e, s_irr, s_old = scores(d)
         margin = (torch.relu(s_irr - cfg.alpha).mean() + torch.relu(cfg.beta - s_e)
                   + torch.relu(cfg.gamma - (s_e - s_irr)).mean())
