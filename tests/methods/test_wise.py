@@ -466,11 +466,12 @@ def test_hard_cross_prompts_are_the_most_similar_and_zero_keeps_random_draws():
         WISEConfig(n_cross=4, n_cross_similar=5)
 
 
-def test_bounded_router_bounds_hold_and_decisions_equal_the_reference(gpt2, reqs):
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_bounded_router_bounds_hold_and_decisions_equal_the_reference(gpt2, reqs, pool):
     # the two-stage router (kedit.memory.side.MemoryState._bounded_ratios): its bf16 per-token bounds contain the
     # exact scores, its candidate set holds the exact argmax, and it decides as the definition's einsum on 30
     # memories (near-ties included: memory 29 is memory 0 scaled by 1 + 1e-4); a record without the setting routes
-    # exactly
+    # exactly. The same with the token scores pooled by their maximum (router_pool="max")
     from kedit.arch import get_adapter
     from kedit.memory import add_entries
     from kedit.memory.side import _reference_ratios
@@ -482,11 +483,11 @@ def test_bounded_router_bounds_hold_and_decisions_equal_the_reference(gpt2, reqs
     acts = _prompt_acts(model, tok, module, texts)
     g = torch.Generator().manual_seed(1)
     updates = _synthetic_memories(tok, path, texts, acts, 30, g, seed0=2000, tag="b",
-                                  twin=lambda v: v * (1 + 1e-4), extra={"router": "bounded"})
+                                  twin=lambda v: v * (1 + 1e-4), extra={"router": "bounded", "pool": pool})
     add_entries(model, updates)
     try:
         mem = _side(model)
-        assert mem.bounded
+        assert mem.bounded and mem.pool == pool
         x = torch.cat(acts + [torch.randn(20, 640, generator=g)])
         order, dt, _ = mem.stack()
         exact = mem._token_scores(x, dt)
@@ -561,3 +562,63 @@ def test_subject_loss_trains_the_memory_through_the_subject_positions(gpt2, reqs
     _no_memory(model)
     with pytest.raises(ValueError, match="subject_loss"):
         WISEConfig(subject_loss=-1.0)
+
+
+def test_max_pool_router_edits_routes_by_the_token_maximum_and_refuses_a_mixed_pool(gpt2, reqs):
+    # router_pool="max": every score is the maximum over the row's real tokens (thresholds included), the edits
+    # answer, the router decides as the definition's einsum with the maximum, a row scores the same alone and
+    # left-padded, and an edit or a record with the other pool is refused with the memory unchanged
+    from kedit.deltas import MemoryEntryUpdate
+    from kedit.memory import add_entries
+    from kedit.memory.side import _reference_ratios, activation_score
+
+    model, tok = gpt2
+    picked = [reqs[0], reqs[1]]
+    res = kedit.edit(model, tok, picked, method="wise", config={"router_pool": "max"})
+    try:
+        assert res.success == [True, True], res.answers
+        mem = _side(model)
+        assert mem.pool == "max" and all(r.info["pool"] == "max" for r in mem.records.values())
+        for m, ids in mem.members.items():  # ε_m from the maximum over the stored tokens
+            want = min(r.info["act_ratio"] * min(
+                float(torch.linalg.vector_norm(a @ mem.deltas[m].T, dim=-1).max()) for a in (k, k[: r.info["n_prompt"]]))
+                for r in (mem.records[i] for i in ids) for k in [r.key.view(r.info["n_tokens"], -1)])
+            assert mem.eps[m] == pytest.approx(want, rel=1e-6)
+        r0 = next(iter(mem.records.values()))
+        acts = r0.key.view(r0.info["n_tokens"], -1)
+        per_tok = torch.linalg.vector_norm(acts @ mem.deltas[0].T, dim=-1)
+        assert float(activation_score(acts, mem.deltas[0], pool="max")) == float(per_tok.max())
+        assert float(activation_score(acts, mem.deltas[0], pool="max")) > float(activation_score(acts, mem.deltas[0]))
+        g = torch.Generator().manual_seed(5)
+        a = torch.cat([torch.zeros(1, 3, acts.shape[1]), acts.unsqueeze(0)], dim=1).repeat(3, 1, 1)
+        a[1] = torch.randn(a.shape[1:], generator=g)
+        real = torch.ones(3, a.shape[1], dtype=torch.long)
+        real[0, :3] = 0
+        real[2] = 0
+        for bounded in (True, False):
+            best, ids = mem.ratios(a, real, bounded=bounded)
+            ref_best, ref_ids = _reference_ratios(mem, a, real)
+            assert torch.equal(ids, ref_ids) and torch.allclose(best, ref_best, rtol=1e-5)
+            alone, _ = mem.ratios(acts.unsqueeze(0), None, bounded=bounded)
+            assert float(alone[0]) == pytest.approx(float(best[0]), rel=1e-6)
+            assert float(best[2]) == 0.0
+        before = {i: (r.key.clone(), r.value.clone()) for i, r in mem.records.items()}
+        eps_before = dict(mem.eps)
+        with pytest.raises(ValueError, match="router_pool"):
+            kedit.edit(model, tok, [reqs[3]], method="wise", evaluate=False)  # the default pool is "mean"
+        info = dict(r0.info, edit_id="mixed", pool="mean", memory=99)
+        with pytest.raises(ValueError, match="router pool"):
+            add_entries(model, [MemoryEntryUpdate(f"{mem.module_path}#wise:mixed", r0.key, r0.value, info)])
+        mem = _side(model)
+        assert set(mem.records) == set(before) and mem.eps == eps_before and mem.pool == "max"
+        assert all(torch.equal(mem.records[i].key, k) and torch.equal(mem.records[i].value, v)
+                   for i, (k, v) in before.items())
+        gens = greedy_answers(model, tok, [q.text for q in picked], max_new_tokens=6)
+        assert [answers_match(gen, q.target_new) for gen, q in zip(gens, picked)] == [True, True]
+    finally:
+        res.revert(model)
+    _no_memory(model)
+    from kedit.methods.wise import WISEConfig
+
+    with pytest.raises(ValueError, match="router_pool"):
+        WISEConfig(router_pool="sum")

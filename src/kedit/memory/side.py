@@ -21,7 +21,8 @@ one its loss saw.
 Router
 ------
 ``Δ_act_m(x) = mean_t ‖a_t ΔW_mᵀ‖₂`` over the row's real tokens (the attention mask excludes padding, so a row
-scores the same alone or in a padded batch). ``ε_m = act_ratio · min_i min(Δ_act_m(p_i), Δ_act_m(p_i ⊕ t_i))`` over
+scores the same alone or in a padded batch); with ``WISEConfig.router_pool="max"`` (a kedit option, saved with
+each record) the maximum over those tokens instead, everywhere a score is taken (router, thresholds, margins). ``ε_m = act_ratio · min_i min(Δ_act_m(p_i), Δ_act_m(p_i ⊕ t_i))`` over
 the edits ``i`` of memory ``m`` (their stored activations, re-scored under the current ``ΔW_m``). A row is
 retrieved by the memory with the highest score ``m* = argmax_m Δ_act_m(x)`` (the paper's WISE-Retrieve) and goes to
 it if ``Δ_act_m*(x) > ε_m*``, else to the main memory. The decision is made
@@ -51,7 +52,8 @@ from torch import nn
 from kedit.memory.codebook import Record
 from kedit.memory.sequence import ForwardContext
 
-__all__ = ["MemoryState", "SideMemory", "activation_score", "shard_mask", "ties_dense", "ties_merge", "trim"]
+__all__ = ["POOLS", "MemoryState", "SideMemory", "activation_score", "pool_tokens", "shard_mask", "ties_dense",
+           "ties_merge", "trim"]
 
 #: the ``info`` entries a WISE record carries beside the common ones
 WISE_INFO = ("mask_seed", "mask_ratio", "n_tokens", "n_prompt", "act_ratio", "density", "memory", "shard", "tokens")
@@ -116,14 +118,32 @@ def ties_merge(shards: Sequence[tuple[torch.Tensor, torch.Tensor]], numel: int, 
     return ties_dense(tau, density, [int(i.numel()) for i, _ in shards])
 
 
-def activation_score(acts: torch.Tensor, delta: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
-    """``Δ_act = mean_t ‖a_t ΔWᵀ‖₂`` over the last-but-one axis of ``acts [..., T, d_in]`` (``delta [d_out, d_in]``),
-    counting only positions where ``real`` (``[..., T]``, 0/1) is set. Differentiable in ``delta``."""
-    per_tok = torch.linalg.vector_norm(acts @ delta.T, dim=-1)
+#: how a row's per-token scores ``‖a_t ΔW_mᵀ‖₂`` are pooled into ``Δ_act_m``
+POOLS = ("mean", "max")
+
+
+def pool_tokens(per_tok: torch.Tensor, real: torch.Tensor | None = None, pool: str = "mean") -> torch.Tensor:
+    """Pool per-token scores ``[..., T]`` (all ≥ 0) over the last axis, counting only positions where ``real``
+    (``[..., T]``, 0/1) is set: their mean, or their maximum (``pool="max"``; a row without real tokens scores 0
+    either way)."""
+    if pool == "max":
+        if real is not None:
+            per_tok = per_tok * real.to(per_tok.dtype)  # scores are ≥ 0: a zeroed pad never raises the maximum
+        return per_tok.amax(dim=-1) if per_tok.shape[-1] else per_tok.sum(dim=-1)
+    if pool != "mean":
+        raise ValueError(f"router pool must be one of {POOLS}, got {pool!r}")
     if real is None:
         return per_tok.mean(dim=-1)
     real = real.to(per_tok.dtype)
     return (per_tok * real).sum(dim=-1) / real.sum(dim=-1).clamp_min(1)
+
+
+def activation_score(acts: torch.Tensor, delta: torch.Tensor, real: torch.Tensor | None = None,
+                     pool: str = "mean") -> torch.Tensor:
+    """``Δ_act = pool_t ‖a_t ΔWᵀ‖₂`` over the last-but-one axis of ``acts [..., T, d_in]`` (``delta [d_out, d_in]``),
+    counting only positions where ``real`` (``[..., T]``, 0/1) is set (:func:`pool_tokens`: the mean by default,
+    the paper's score; or the maximum). Differentiable in ``delta``."""
+    return pool_tokens(torch.linalg.vector_norm(acts @ delta.T, dim=-1), real, pool)
 
 
 class MemoryState:
@@ -147,6 +167,9 @@ class MemoryState:
         self._abs_norm: dict[int, float] = {}  # memory -> ‖|ΔW_m|‖₂ (spectral norm of the entrywise magnitude)
         #: ``[B, M]`` of the last two-stage :meth:`ratios` call: the memories scored exactly per row (stack order)
         self.last_candidates: torch.Tensor | None = None
+        #: how the router pools a row's token scores (:func:`pool_tokens`): the records' ``info["pool"]`` (all the
+        #: same; records saved before the option existed: ``"mean"``)
+        self.pool = "mean"
 
     # -- records ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -156,6 +179,8 @@ class MemoryState:
         missing = [k for k in WISE_INFO if k not in info]
         if missing:
             raise ValueError(f"edit {r.edit_id!r}: WISE record lacks {missing}")
+        if info.get("pool", "mean") not in POOLS:
+            raise ValueError(f"edit {r.edit_id!r}: unknown router pool {info['pool']!r} (known: {', '.join(POOLS)})")
         n_tok, n_prompt = int(info["n_tokens"]), int(info["n_prompt"])
         m = shard_mask(0, d_in * d_out, float(info["mask_ratio"])).numel()
         if (r.key.ndim != 1 or r.key.numel() != n_tok * d_in or not 0 < n_prompt <= n_tok
@@ -176,6 +201,7 @@ class MemoryState:
         c.tau, c.deltas, c.eps = dict(self.tau), dict(self.deltas), dict(self.eps)
         c._masks = dict(self._masks)
         c._abs_norm = dict(self._abs_norm)
+        c.pool = self.pool
         return c
 
     def snapshot(self) -> tuple:
@@ -189,6 +215,16 @@ class MemoryState:
         self._materialise(set(self.members) | set(self.deltas))
 
     def add(self, records: Sequence[Record]) -> None:
+        """Add records (all with the router pool of the live ones: one router scores every memory; refused, with
+        the state unchanged, otherwise)."""
+        live = self.pool if self.records else None
+        for r in records:
+            p = (r.info or {}).get("pool", "mean")
+            if live is None:
+                live = p
+            elif p != live:
+                raise ValueError(f"edit {r.edit_id!r}: router pool {p!r} differs from the memory's {live!r} (one "
+                                 "router scores every side memory of a layer: edit with the same pool)")
         touched = set()
         for r in records:
             m = int(r.info["memory"])
@@ -251,6 +287,8 @@ class MemoryState:
 
     def _materialise(self, touched: Iterable[int]) -> None:
         touched = list(touched)
+        first = next(iter(self.records.values()), None)
+        self.pool = (first.info or {}).get("pool", "mean") if first is not None else "mean"
         for m in touched:
             self.tau.pop(m, None)
             ids = self.members.get(m, [])
@@ -272,8 +310,8 @@ class MemoryState:
         """``act_ratio · min(Δ_act(prompt), Δ_act(prompt ⊕ target))`` of an edit's stored activations."""
         info = r.info
         acts = r.key.view(int(info["n_tokens"]), self.d_in)
-        s_full = float(activation_score(acts, delta))
-        s_prompt = float(activation_score(acts[: int(info["n_prompt"])], delta))
+        s_full = float(activation_score(acts, delta, pool=self.pool))
+        s_prompt = float(activation_score(acts[: int(info["n_prompt"])], delta, pool=self.pool))
         return float(info["act_ratio"]) * min(s_full, s_prompt)
 
     def stack(self) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
@@ -342,14 +380,14 @@ class MemoryState:
                    else real.to(dt.device) != 0)
             return self._bounded_ratios(a, sel, st)
         if real is None:
-            score = self._token_scores(a.reshape(b * t, -1), dt).view(b, t, -1).mean(dim=1)
+            score = pool_tokens(self._token_scores(a.reshape(b * t, -1), dt).view(b, t, -1).transpose(1, 2),
+                                None, self.pool)
         else:
             r = real.to(device=dt.device, dtype=dt.dtype)
             sel = r != 0
             per_tok = torch.zeros(b, t, len(order), dtype=dt.dtype, device=dt.device)
             per_tok[sel] = self._token_scores(a[sel], dt)
-            r = r.unsqueeze(-1)
-            score = (per_tok * r).sum(dim=1) / r.sum(dim=1).clamp_min(1)
+            score = pool_tokens(per_tok.transpose(1, 2), r.unsqueeze(1), self.pool)
         where = score.argmax(dim=1)  # the memory whose activation score is highest (the paper's retrieval) ...
         best = (score / eps).gather(1, where.unsqueeze(1)).squeeze(1)  # ... answers if above its own threshold
         ids = torch.tensor(order, device=where.device)[where]
@@ -405,10 +443,15 @@ class MemoryState:
         row_of = sel.nonzero()[:, 0]
         counts = sel.sum(dim=1)
         t_lo, t_hi = self.token_bounds(x)
-        lo = torch.zeros(b, n_mem, device=dt.device).index_add_(0, row_of, t_lo)
-        hi = torch.zeros(b, n_mem, device=dt.device).index_add_(0, row_of, t_hi)
-        den = counts.clamp_min(1).unsqueeze(1).float()
-        lo, hi = lo / den, hi / den
+        if self.pool == "max":  # bounds on every token's score bound their maximum the same way
+            at = row_of.unsqueeze(1).expand(-1, n_mem)
+            lo = torch.zeros(b, n_mem, device=dt.device).scatter_reduce_(0, at, t_lo, "amax")
+            hi = torch.zeros(b, n_mem, device=dt.device).scatter_reduce_(0, at, t_hi, "amax")
+        else:
+            lo = torch.zeros(b, n_mem, device=dt.device).index_add_(0, row_of, t_lo)
+            hi = torch.zeros(b, n_mem, device=dt.device).index_add_(0, row_of, t_hi)
+            den = counts.clamp_min(1).unsqueeze(1).float()
+            lo, hi = lo / den, hi / den
         finite = torch.isfinite(hi).all(dim=1) & torch.isfinite(lo).all(dim=1)
         cand = hi >= (1 - 1e-5) * lo.max(dim=1, keepdim=True).values
         cand |= ~finite.unsqueeze(1)
@@ -422,8 +465,13 @@ class MemoryState:
             s_j = torch.zeros(b, dtype=dt.dtype, device=dt.device)
             if bool(toks.any()):
                 per_tok = torch.linalg.vector_norm(x[toks] @ self.deltas[order[j]].T, dim=-1)
-                s_j.index_add_(0, row_of[toks], per_tok)
-            score[:, j] = torch.where(rows_j, s_j / counts.clamp_min(1).to(dt.dtype), score[:, j])
+                if self.pool == "max":
+                    s_j.scatter_reduce_(0, row_of[toks], per_tok, "amax")
+                else:
+                    s_j.index_add_(0, row_of[toks], per_tok)
+            if self.pool != "max":
+                s_j = s_j / counts.clamp_min(1).to(dt.dtype)
+            score[:, j] = torch.where(rows_j, s_j, score[:, j])
         where = score.argmax(dim=1)  # non-candidates are -inf; a row without real tokens has every score 0
         best = (score / eps).gather(1, where.unsqueeze(1)).squeeze(1)
         ids = torch.tensor(order, device=where.device)[where]
@@ -439,7 +487,7 @@ class MemoryState:
         if not keep:
             return torch.zeros(0, dtype=dt.dtype, device=dt.device)
         a = acts.to(device=dt.device, dtype=dt.dtype)
-        return self._token_scores(a, dt).mean(dim=0)[keep]
+        return pool_tokens(self._token_scores(a, dt).T, None, self.pool)[keep]
 
 
 def _reference_ratios(state: MemoryState, acts: torch.Tensor, real: torch.Tensor | None = None
@@ -453,7 +501,11 @@ def _reference_ratios(state: MemoryState, acts: torch.Tensor, real: torch.Tensor
     eps = torch.tensor([state.eps[m] for m in order], dtype=d.dtype, device=d.device)
     a = acts.to(device=d.device, dtype=d.dtype)
     per_tok = torch.linalg.vector_norm(torch.einsum("btk,mok->btmo", a, d), dim=-1)  # [B, T, M]
-    if real is None:
+    if state.pool == "max":
+        if real is not None:
+            per_tok = per_tok.masked_fill(real.to(per_tok.device).unsqueeze(-1) == 0, 0.0)
+        score = per_tok.amax(dim=1)
+    elif real is None:
         score = per_tok.mean(dim=1)
     else:
         r = real.to(device=per_tok.device, dtype=per_tok.dtype).unsqueeze(-1)

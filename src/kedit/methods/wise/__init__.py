@@ -52,7 +52,7 @@ from kedit.deltas import EditDelta, MemoryEntryUpdate
 from kedit.deltas.ledger import compute_dtype
 from kedit.memory import get_memory, memory_layer
 from kedit.memory.codebook import Record
-from kedit.memory.side import MemoryState, SideMemory, activation_score, ties_dense
+from kedit.memory.side import POOLS, MemoryState, SideMemory, activation_score, ties_dense
 from kedit.methods.ft.objective import keep_grad_flags
 from kedit.methods.presets import preset_for
 from kedit.methods.registry import register_method
@@ -108,6 +108,11 @@ class WISEConfig:
             the memories that can still be the highest (:meth:`kedit.memory.side.MemoryState.ratios`; the same
             decisions and ratios as ``"exact"``, which scores every memory exactly). Saved with each edit; a
             memory routes with the bounds only when all its edits say ``"bounded"`` (older saved memories: exact).
+        router_pool: how a sequence's token scores ``‖a_t ΔW_mᵀ‖₂`` become its score ``Δ_act_m``: ``"mean"`` over
+            the real tokens (the paper's; default) or ``"max"`` (not in the paper: a paraphrase shares the subject's
+            tokens with the edit prompt, not its length or template, and a mean dilutes them). Used everywhere a
+            score is taken (router, thresholds ε, margins); saved with each edit, and one layer's memories all use
+            one pool (an edit with the other one is refused).
     """
 
     layer: int | None = None
@@ -134,10 +139,13 @@ class WISEConfig:
     early_stop_loss: float = 0.05
     seed: int = 0
     router: str = "bounded"
+    router_pool: str = "mean"
 
     def __post_init__(self) -> None:
         if self.router not in ("bounded", "exact"):
             raise ValueError(f"wise: router must be 'bounded' or 'exact', got {self.router!r}")
+        if self.router_pool not in POOLS:
+            raise ValueError(f"wise: router_pool must be one of {', '.join(POOLS)}, got {self.router_pool!r}")
         if not 0.0 < self.mask_ratio <= 1.0:
             raise ValueError(f"wise: mask_ratio must be in (0, 1], got {self.mask_ratio}")
         if not 0.0 < self.density <= 1.0:
@@ -374,17 +382,21 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
         return (exact + (r_flat - r_flat.detach()) * share).view(d_out, d_in)
 
     def edit_score(d: torch.Tensor, a: torch.Tensor, n_p: int) -> torch.Tensor:
-        return torch.minimum(activation_score(a[:n_p], d), activation_score(a, d))
+        return torch.minimum(activation_score(a[:n_p], d, pool=pool), activation_score(a, d, pool=pool))
 
     # retrieval picks the memory with the highest score: this edit's must beat every other memory's on its prompt
     # (and prompt ⊕ target) by γ (those memories are fixed while it is trained)
+    pool = cfg.router_pool
+    if len(state) and state.pool != pool:
+        raise ValueError(f"{label}: the live WISE memory routes with router_pool={state.pool!r}; this edit asks for "
+                         f"{pool!r} (one router scores every side memory of a layer)")
     rival_p = state.raw_scores(a_prompt, exclude=m)
     rival_f = state.raw_scores(a_full, exclude=m)
     rival = (float(rival_p.max()), float(rival_f.max())) if rival_p.numel() else None
 
     def scores(d: torch.Tensor):
         s_e = edit_score(d, a_full, len(prompt))
-        s_irr = torch.stack([activation_score(a, d) for a in irr])
+        s_irr = torch.stack([activation_score(a, d, pool=pool) for a in irr])
         s_old = torch.stack([edit_score(d, a, n_p) for a, n_p in old_acts]) if old_acts else None
         return s_e, s_irr, s_old
 
@@ -416,8 +428,8 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
         if s_old is not None:
             margin = margin + torch.relu(cfg.beta - s_old).mean()
         if rival is not None:
-            margin = (margin + torch.relu(rival[0] + cfg.gamma - activation_score(a_prompt, d))
-                      + torch.relu(rival[1] + cfg.gamma - activation_score(a_full, d)))
+            margin = (margin + torch.relu(rival[0] + cfg.gamma - activation_score(a_prompt, d, pool=pool))
+                      + torch.relu(rival[1] + cfg.gamma - activation_score(a_full, d, pool=pool)))
         nll_v, margin_v = float(per_seq.detach().max()), float(margin.detach())
         if nll_v < cfg.early_stop_loss and margin_v == 0.0:
             break
@@ -437,7 +449,8 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     info = {"mask_seed": _hash(cfg.seed, "mask", m, s), "mask_ratio": float(cfg.mask_ratio),
             "n_tokens": int(a_full.shape[0]), "n_prompt": len(prompt), "act_ratio": float(cfg.act_ratio),
             "density": float(density), "memory": int(m), "shard": int(s), "tokens": [int(t) for t in prompt + tgt],
-            "subject": req.subject, "prompt": req.text, "router": cfg.router}
+            "subject": req.subject, "prompt": req.text, "router": cfg.router,
+            "pool": pool}
     if members:  # the shard's mask is the one its earlier records were trained on
         for i in members:
             ri = state.records[i].info
