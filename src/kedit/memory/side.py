@@ -22,11 +22,11 @@ Router
 ------
 ``Δ_act_m(x) = mean_t ‖a_t ΔW_mᵀ‖₂`` over the row's real tokens (the attention mask excludes padding, so a row
 scores the same alone or in a padded batch); with ``WISEConfig.router_pool="max"`` (a kedit option, saved with
-each record) the maximum over those tokens instead, everywhere a score is taken (router, thresholds, margins). ``ε_m = act_ratio · min_i min(Δ_act_m(p_i), Δ_act_m(p_i ⊕ t_i))`` over
-the edits ``i`` of memory ``m`` (their stored activations, re-scored under the current ``ΔW_m``). A row is
-retrieved by the memory with the highest score ``m* = argmax_m Δ_act_m(x)`` (the paper's WISE-Retrieve) and goes to
-it if ``Δ_act_m*(x) > ε_m*``, else to the main memory. The decision is made
-when a sequence starts (no KV cache yet: a prefill or a teacher-forced forward) and kept for its KV-cached decode
+each record) the maximum over those tokens instead, everywhere a score is taken (router, thresholds, margins).
+``ε_m = act_ratio · min_i min(Δ_act_m(p_i), Δ_act_m(p_i ⊕ t_i))`` over the edits ``i`` of memory ``m`` (their
+stored activations, re-scored under the current ``ΔW_m``). A row is retrieved by the memory with the highest score
+``m* = argmax_m Δ_act_m(x)`` (the paper's WISE-Retrieve) and goes to it if ``Δ_act_m*(x) > ε_m*``, else to the main
+memory. The decision is made when a sequence starts (no KV cache yet: a prefill or a teacher-forced forward) and kept for its KV-cached decode
 steps; a forward pre-hook on the root model reads the attention mask and the cache length for this (greedy decoding
 and padded batches; beam search reordering rows is not supported).
 

@@ -387,9 +387,6 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     # retrieval picks the memory with the highest score: this edit's must beat every other memory's on its prompt
     # (and prompt ⊕ target) by γ (those memories are fixed while it is trained)
     pool = cfg.router_pool
-    if len(state) and state.pool != pool:
-        raise ValueError(f"{label}: the live WISE memory routes with router_pool={state.pool!r}; this edit asks for "
-                         f"{pool!r} (one router scores every side memory of a layer)")
     rival_p = state.raw_scores(a_prompt, exclude=m)
     rival_f = state.raw_scores(a_full, exclude=m)
     rival = (float(rival_p.max()), float(rival_f.max())) if rival_p.numel() else None
@@ -449,8 +446,7 @@ def _edit_one(model, tok, req: EditRequest, module: nn.Module, cfg: WISEConfig, 
     info = {"mask_seed": _hash(cfg.seed, "mask", m, s), "mask_ratio": float(cfg.mask_ratio),
             "n_tokens": int(a_full.shape[0]), "n_prompt": len(prompt), "act_ratio": float(cfg.act_ratio),
             "density": float(density), "memory": int(m), "shard": int(s), "tokens": [int(t) for t in prompt + tgt],
-            "subject": req.subject, "prompt": req.text, "router": cfg.router,
-            "pool": pool}
+            "subject": req.subject, "prompt": req.text, "router": cfg.router, "pool": pool}
     if members:  # the shard's mask is the one its earlier records were trained on
         for i in members:
             ri = state.records[i].info
@@ -478,6 +474,9 @@ def compute_wise(
     live = get_memory(model).get(f"{path}#{SideMemory.kind}")
     live = live if isinstance(live, SideMemory) else None
     state = live.copy() if live is not None else MemoryState(path, int(d_in), int(d_out))
+    if len(state) and state.pool != cfg.router_pool:  # refused before any training (MemoryState.add would, after)
+        raise ValueError(f"wise: the live memory at {path!r} routes with router_pool={state.pool!r}; this edit asks "
+                         f"for {cfg.router_pool!r} (one router scores every side memory of a layer)")
     updates = []
     stats = []
     with keep_grad_flags(model, freeze=True), _suspended(live):
